@@ -1,0 +1,67 @@
+"""Every private torch import and version gate gradwatch relies on, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+# torch._foreach_norm accepts dtype= from 2.3 on; before that, statistics of low-precision
+# gradients are taken on float32 copies, which costs an allocation but keeps them correct.
+_FOREACH_NORM_HAS_DTYPE = _TORCH_VERSION >= (2, 3)
+
+
+def foreach_norm_fp32(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[torch.Tensor]:
+    """Norms of ``tensors`` (same device and dtype) accumulated in float32 or wider."""
+    if tensors[0].dtype in (torch.float32, torch.float64):
+        return list(torch._foreach_norm(list(tensors), ord))
+    if _FOREACH_NORM_HAS_DTYPE:
+        return list(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+    return list(torch._foreach_norm([t.float() for t in tensors], ord))
+
+
+def group_by_device_and_dtype(
+    tensors: Sequence[torch.Tensor],
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]]:
+    """Split ``tensors`` into foreach-compatible groups, remembering each one's position."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
+    for position, tensor in enumerate(tensors):
+        key = (tensor.device, tensor.dtype)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = ([], [])
+        group[0].append(tensor)
+        group[1].append(position)
+    return groups
+
+
+class BackwardPassClock:
+    """Tells backward passes apart from inside gradient hooks.
+
+    :meth:`current` returns a number that stays the same for every hook of one backward pass and
+    differs between passes. Uses autograd's graph-task id where torch exposes it; otherwise a
+    counter advanced by an end-of-backward callback.
+    """
+
+    def __init__(self) -> None:
+        self._task_id: Callable[[], int] | None = getattr(torch._C, "_current_graph_task_id", None)
+        self._passes = 0
+        self._armed = False
+
+    def current(self) -> int:
+        if self._task_id is not None:
+            return self._task_id()
+        if not self._armed:
+            self._armed = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+        return self._passes
+
+    def _end_pass(self) -> None:
+        self._armed = False
+        self._passes += 1
+
+
+def has_post_accumulate_grad_hooks() -> bool:
+    return hasattr(torch.Tensor, "register_post_accumulate_grad_hook")

@@ -1,0 +1,120 @@
+"""Validation of everything a user can pass to ``watch()``: one place, errors that teach."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gradwatch.findings import Finding, GradWatchTypeError, GradWatchValueError, Kind
+
+POLICIES = ("warn", "raise", "record")
+
+OnFinding = str | Callable[[Finding], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorOptions:
+    """Thresholds of the detectors; every field is a keyword argument of ``watch()``."""
+
+    no_grad_after: int = 5
+    explode_factor: float = 100.0
+    max_grad_norm: float | None = 1e6
+    warmup_steps: int = 5
+    history: int = 32
+    vanish_ratio: float = 1e-3
+    vanish_steps: int = 5
+    ignore: frozenset[Kind] = frozenset()
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> DetectorOptions:
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise GradWatchTypeError(
+                f"watch() got unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"detector options are: {', '.join(allowed)}"
+            )
+        values = dict(kwargs)
+        if "ignore" in values:
+            values["ignore"] = _kinds("ignore", values["ignore"])
+        options = cls(**values)
+        options._validate()
+        return options
+
+    def _validate(self) -> None:
+        _int_at_least("no_grad_after", self.no_grad_after, 1)
+        _number_above("explode_factor", self.explode_factor, 1.0)
+        if self.max_grad_norm is not None:
+            _number_above("max_grad_norm", self.max_grad_norm, 0.0)
+        _int_at_least("warmup_steps", self.warmup_steps, 1)
+        _int_at_least("history", self.history, self.warmup_steps, "warmup_steps")
+        _number_above("vanish_ratio", self.vanish_ratio, 0.0)
+        if self.vanish_ratio >= 1.0:
+            raise GradWatchValueError(
+                f"vanish_ratio must be a number in (0, 1), got {self.vanish_ratio!r}"
+            )
+        _int_at_least("vanish_steps", self.vanish_steps, 1)
+
+
+def check_int_at_least(name: str, value: object, minimum: int) -> int:
+    _int_at_least(name, value, minimum)
+    return value  # type: ignore[return-value]
+
+
+def check_on_finding(value: object) -> OnFinding:
+    if isinstance(value, str):
+        if value not in POLICIES:
+            raise GradWatchValueError(
+                f"on_finding must be one of {', '.join(map(repr, POLICIES))} or a callable "
+                f"taking a Finding, got {value!r}"
+            )
+        return value
+    if callable(value):
+        return value
+    raise GradWatchTypeError(
+        f"on_finding must be one of {', '.join(map(repr, POLICIES))} or a callable taking a "
+        f"Finding, got {type(value).__name__} {value!r}"
+    )
+
+
+def check_log_dir(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    raise GradWatchTypeError(
+        f"log_dir must be None, a str or an os.PathLike, got {type(value).__name__} {value!r}"
+    )
+
+
+def _kinds(name: str, value: object) -> frozenset[Kind]:
+    items: Iterable[object] = (value,) if isinstance(value, (str, Kind)) else value  # type: ignore[assignment]
+    try:
+        return frozenset(Kind(item) for item in items)
+    except (TypeError, ValueError):
+        raise GradWatchValueError(
+            f"{name} must be kinds (or their names) among {', '.join(k.value for k in Kind)}, "
+            f"got {value!r}"
+        ) from None
+
+
+def _int_at_least(name: str, value: object, minimum: int, minimum_name: str | None = None) -> None:
+    bound = f"{minimum_name} ({minimum})" if minimum_name else str(minimum)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GradWatchTypeError(
+            f"{name} must be an int >= {bound}, got {type(value).__name__} {value!r}"
+        )
+    if value < minimum:
+        raise GradWatchValueError(f"{name} must be an int >= {bound}, got {value!r}")
+
+
+def _number_above(name: str, value: object, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GradWatchTypeError(
+            f"{name} must be a number > {minimum:g}, got {type(value).__name__} {value!r}"
+        )
+    if not (value > minimum) or math.isinf(value):
+        raise GradWatchValueError(f"{name} must be a finite number > {minimum:g}, got {value!r}")

@@ -1,0 +1,77 @@
+"""On-device statistics of a step's gradients, read by the host once per check."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gradwatch._compat import foreach_norm_fp32, group_by_device_and_dtype
+
+
+def gradient_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each gradient, accumulated in float32, as one 1-D tensor on the first device.
+
+    NaN anywhere in a gradient makes its norm NaN and +/-Inf makes it Inf, so one tensor carries
+    both the magnitudes and the non-finite flags. One foreach kernel per (device, dtype) group;
+    nothing is read by the host here.
+    """
+    if not grads:
+        return torch.zeros(0)
+    out_device = grads[0].device
+    groups = group_by_device_and_dtype(grads)
+    if len(groups) == 1:
+        ((tensors, _),) = groups.values()
+        return torch.stack(foreach_norm_fp32(tensors))
+    norms = torch.empty(len(grads), dtype=torch.float32, device=out_device)
+    for tensors, positions in groups.values():
+        group_norms = torch.stack(foreach_norm_fp32(tensors)).to(out_device, non_blocking=True)
+        norms[torch.tensor(positions, device=out_device)] = group_norms
+    return norms
+
+
+def max_abs(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Largest absolute value of each gradient (float32, on the host)."""
+    if not grads:
+        return torch.zeros(0)
+    return torch.stack([n.float().cpu() for n in _foreach_max_abs(grads)])
+
+
+def _foreach_max_abs(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = [torch.zeros(())] * len(grads)
+    for tensors, positions in group_by_device_and_dtype(grads).values():
+        for position, norm in zip(
+            positions, torch._foreach_norm(tensors, float("inf")), strict=True
+        ):
+            out[position] = norm
+    return out
+
+
+class HostCopy:
+    """A device tensor on its way to the host.
+
+    On CPU the values are available at once. On an accelerator the copy goes into pinned memory
+    without blocking, and :meth:`ready` asks the device whether it has landed, so that a step with
+    nothing to report never waits for the device.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if tensor.device.type == "cpu":
+            self._host = tensor
+        elif tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record(torch.cuda.current_stream(tensor.device))
+        else:
+            self._host = tensor.to("cpu")
+
+    def ready(self) -> bool:
+        return self._event is None or bool(self._event.query())  # type: ignore[no-untyped-call]
+
+    def wait(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._host

@@ -1,0 +1,219 @@
+"""Exploding and vanishing gradients, judged against each model's own history and depth profile.
+
+Both look at the accumulated, unscaled ``.grad`` the optimizer is about to use, after any clipping
+the user applies before ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+
+from gradwatch.detectors.base import CheckContext
+from gradwatch.findings import Finding, Kind
+
+
+class MagnitudeDetector:
+    """Reports ``exploding`` and ``vanishing``.
+
+    Exploding: after ``warmup_steps`` checks, the total gradient norm exceeds ``explode_factor``
+    times the median of its last ``history`` values, or a parameter's norm exceeds
+    ``explode_factor`` times its own median while being at least a tenth of the model's median
+    total norm; or the total norm exceeds ``max_grad_norm`` at any time.
+
+    Vanishing: among weight matrices (2+ dimensions) in depth order, the median RMS gradient of the
+    earliest quarter is below ``vanish_ratio`` times that of the last quarter for ``vanish_steps``
+    consecutive checks; or a parameter receives exactly-zero gradients for ``vanish_steps``
+    consecutive checks while others do not.
+    """
+
+    needs_statistics = True
+
+    def __init__(
+        self,
+        num_params: int,
+        *,
+        explode_factor: float = 100.0,
+        max_grad_norm: float | None = 1e6,
+        warmup_steps: int = 5,
+        history: int = 32,
+        vanish_ratio: float = 1e-3,
+        vanish_steps: int = 5,
+    ) -> None:
+        self.explode_factor = explode_factor
+        self.max_grad_norm = max_grad_norm
+        self.warmup_steps = warmup_steps
+        self.history = history
+        self.vanish_ratio = vanish_ratio
+        self.vanish_steps = vanish_steps
+        self._totals: dict[int, deque[float]] = {}
+        self._param_history = torch.full((history, num_params), math.nan)
+        self._param_count = torch.zeros(num_params, dtype=torch.long)
+        self._reference = torch.full((num_params,), math.nan)
+        self._checks_since_refresh = 0
+        self._depth_streak: dict[int, int] = {}
+        self._zero_streak = torch.zeros(num_params, dtype=torch.long)
+
+    def check(self, ctx: CheckContext) -> list[Finding]:
+        if not ctx.indices:
+            return []
+        index = torch.tensor(ctx.indices)
+        norms = ctx.host_norms().double()
+        finite = torch.isfinite(norms)
+        last_pass = ctx.tracker.last_pass
+        fresh = torch.tensor([last_pass[i] >= ctx.window_start_pass for i in ctx.indices])
+        findings = []
+        exploding = self._exploding(ctx, index, norms, finite)
+        if exploding is not None:
+            findings.append(exploding)
+        findings.extend(self._vanishing(ctx, index, norms, finite & fresh))
+        self._remember(ctx.group, index, norms, finite & fresh)
+        return findings
+
+    def _exploding(
+        self, ctx: CheckContext, index: torch.Tensor, norms: torch.Tensor, finite: torch.Tensor
+    ) -> Finding | None:
+        total = float(norms[finite].square().sum().sqrt())
+        totals = self._totals.get(ctx.group, ())
+        limit = math.inf
+        typical_total = math.nan
+        if len(totals) >= self.warmup_steps:
+            typical_total = _median(totals)
+            limit = self.explode_factor * typical_total
+        if self.max_grad_norm is not None:
+            limit = min(limit, self.max_grad_norm)
+        reference = self._reference[index].double()
+        param_limit = self.explode_factor * reference
+        significant = norms >= 0.1 * typical_total if not math.isnan(typical_total) else finite
+        grown = finite & significant & (norms > param_limit)
+        if not (total > limit or bool(grown.any())):
+            return None
+        ratio = torch.where(reference > 0, norms / reference, norms)
+        ratio = torch.where(finite, ratio, torch.zeros_like(ratio))
+        top = ratio.argsort(descending=True)[:5].tolist()
+        names = tuple(ctx.table.names[ctx.indices[j]] for j in top)
+        if total > limit:
+            return Finding(
+                Kind.EXPLODING, ctx.step, names[0], value=total, threshold=limit, params=names
+            )
+        first = top[0]
+        return Finding(
+            Kind.EXPLODING,
+            ctx.step,
+            names[0],
+            value=float(norms[first]),
+            threshold=float(param_limit[first]),
+            params=names,
+        )
+
+    def _vanishing(
+        self, ctx: CheckContext, index: torch.Tensor, norms: torch.Tensor, usable: torch.Tensor
+    ) -> list[Finding]:
+        findings = []
+        table = ctx.table
+        numels = torch.tensor([table.numels[i] for i in ctx.indices], dtype=torch.float64)
+        usable = usable & (numels > 0)
+
+        depth_ordered = [
+            j
+            for j in sorted(
+                range(len(ctx.indices)),
+                key=lambda j: -ctx.tracker.first_position[ctx.indices[j]],
+            )
+            if bool(usable[j]) and table.ndims[ctx.indices[j]] >= 2
+        ]
+        streak = 0
+        if len(depth_ordered) >= 4:
+            rms = norms / numels.clamp(min=1).sqrt()
+            quarter = max(1, len(depth_ordered) // 4)
+            early = rms[depth_ordered[:quarter]]
+            late = rms[depth_ordered[-quarter:]]
+            late_median = float(late.median())
+            ratio = float(early.median()) / late_median if late_median > 0 else math.nan
+            if ratio < self.vanish_ratio:
+                streak = self._depth_streak.get(ctx.group, 0) + 1
+                if streak == self.vanish_steps:
+                    smallest = sorted(depth_ordered[:quarter], key=lambda j: float(rms[j]))
+                    names = tuple(table.names[ctx.indices[j]] for j in smallest)
+                    findings.append(
+                        Finding(
+                            Kind.VANISHING,
+                            ctx.step,
+                            names[0],
+                            value=ratio,
+                            threshold=self.vanish_ratio,
+                            params=names,
+                        )
+                    )
+        self._depth_streak[ctx.group] = streak
+
+        zero = usable & (norms == 0)
+        streaks = self._zero_streak[index]
+        streaks = torch.where(
+            zero, streaks + 1, torch.where(usable, torch.zeros_like(streaks), streaks)
+        )
+        self._zero_streak[index] = streaks
+        dead = (streaks == self.vanish_steps) & zero
+        if bool(dead.any()) and bool((usable & (norms > 0)).any()):
+            names = tuple(table.names[ctx.indices[j]] for j in dead.nonzero().flatten().tolist())
+            findings.append(
+                Finding(Kind.VANISHING, ctx.step, names[0], value=0.0, threshold=0.0, params=names)
+            )
+        return findings
+
+    def _remember(
+        self, group: int, index: torch.Tensor, norms: torch.Tensor, usable: torch.Tensor
+    ) -> None:
+        total = float(norms[torch.isfinite(norms)].square().sum().sqrt())
+        if math.isfinite(total) and total > 0:
+            self._totals.setdefault(group, deque(maxlen=self.history)).append(total)
+        keep = usable & (norms > 0)
+        kept = index[keep]
+        rows = self._param_count[kept] % self.history
+        self._param_history[rows, kept] = norms[keep].float()
+        self._param_count[kept] += 1
+        self._checks_since_refresh += 1
+        if self._checks_since_refresh >= max(1, self.history // 8):
+            self._checks_since_refresh = 0
+            reference = self._param_history.nanmedian(dim=0).values
+            self._reference = torch.where(
+                self._param_count >= self.warmup_steps,
+                reference,
+                torch.full_like(reference, math.nan),
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "totals": {group: list(values) for group, values in self._totals.items()},
+            "param_history": self._param_history.clone(),
+            "param_count": self._param_count.clone(),
+            "reference": self._reference.clone(),
+            "depth_streak": dict(self._depth_streak),
+            "zero_streak": self._zero_streak.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["param_history"].shape != self._param_history.shape:
+            raise ValueError(
+                "state was saved with a different number of parameters or history length"
+            )
+        self._totals = {
+            int(group): deque(values, maxlen=self.history)
+            for group, values in state["totals"].items()
+        }
+        self._param_history = state["param_history"].clone()
+        self._param_count = state["param_count"].clone()
+        self._reference = state["reference"].clone()
+        self._depth_streak = {int(g): int(s) for g, s in state["depth_streak"].items()}
+        self._zero_streak = state["zero_streak"].clone()
+
+
+def _median(values: deque[float] | tuple[()]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return 0.5 * (ordered[middle - 1] + ordered[middle])

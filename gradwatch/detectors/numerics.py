@@ -1,0 +1,51 @@
+"""NaN and Inf in the gradients the optimizer is about to use, localised to parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gradwatch.detectors.base import CheckContext, by_arrival
+from gradwatch.findings import Finding, Kind
+
+
+class NumericsDetector:
+    """Reports ``nan`` and ``inf`` from the per-parameter norms.
+
+    A NaN anywhere in a gradient makes its norm NaN, so a NaN norm is proof. An infinite norm is
+    either a real +/-Inf or finite values whose squares overflow float32 (|g| > ~1.8e19); when the
+    gradients are still at hand the largest |value| tells them apart, and an overflow is left to
+    the magnitude detector as the largest finite float32 norm.
+    """
+
+    needs_statistics = True
+
+    def check(self, ctx: CheckContext) -> list[Finding]:
+        norms = ctx.host_norms()
+        if bool(torch.isfinite(norms).all()):
+            return []
+        nan_at = torch.isnan(norms)
+        inf_at = torch.isinf(norms)
+        positions = inf_at.nonzero().flatten().tolist()
+        if positions and ctx.max_abs is not None:
+            really_inf = torch.isinf(ctx.max_abs(positions)).tolist()
+            for position, is_inf in zip(positions, really_inf, strict=True):
+                if not is_inf:
+                    inf_at[position] = False
+                    norms[position] = torch.finfo(torch.float32).max
+        findings = []
+        for kind, mask in ((Kind.NAN, nan_at), (Kind.INF, inf_at)):
+            affected = [ctx.indices[j] for j in mask.nonzero().flatten().tolist()]
+            if affected:
+                names = tuple(ctx.table.names[i] for i in by_arrival(ctx, affected))
+                findings.append(
+                    Finding(kind, ctx.step, names[0], value=float(len(names)), params=names)
+                )
+        return findings
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

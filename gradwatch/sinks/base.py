@@ -1,0 +1,67 @@
+"""The one small interface every output of gradwatch implements."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from gradwatch.findings import Finding
+
+
+class Sink(Protocol):
+    """Receives each check's statistics and each finding; owns its own resources."""
+
+    def write_check(
+        self, step: int, names: Sequence[str], norms: torch.Tensor, total_norm: float
+    ) -> None:
+        """Statistics of one check: ``norms[j]`` is the gradient norm of ``names[j]``."""
+
+    def write_finding(self, finding: Finding) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class GuardedSinks:
+    """Fans out to sinks; a sink that fails is reported once, then dropped, and training goes on."""
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self._sinks = list(sinks)
+
+    def __bool__(self) -> bool:
+        return bool(self._sinks)
+
+    def write_check(
+        self, step: int, names: Sequence[str], norms: torch.Tensor, total_norm: float
+    ) -> None:
+        for sink in list(self._sinks):
+            self._call(sink, "write_check", step, names, norms, total_norm)
+
+    def write_finding(self, finding: Finding) -> None:
+        for sink in list(self._sinks):
+            self._call(sink, "write_finding", finding)
+
+    def flush(self) -> None:
+        for sink in list(self._sinks):
+            self._call(sink, "flush")
+
+    def close(self) -> None:
+        for sink in list(self._sinks):
+            self._call(sink, "close")
+        self._sinks.clear()
+
+    def _call(self, sink: Sink, method: str, *args: object) -> None:
+        try:
+            getattr(sink, method)(*args)
+        except Exception as error:  # a broken output must never stop training
+            self._sinks.remove(sink)
+            warnings.warn(
+                f"gradwatch: {type(sink).__name__}.{method} failed ({error!r}); that output is "
+                f"switched off for the rest of the run, detection goes on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
