@@ -25,7 +25,9 @@ def gradient_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack(foreach_norm_fp32(tensors))
     norms = torch.empty(len(grads), dtype=torch.float32, device=out_device)
     for tensors, positions in groups.values():
-        group_norms = torch.stack(foreach_norm_fp32(tensors)).to(out_device, non_blocking=True)
+        group_norms = torch.stack(foreach_norm_fp32(tensors)).to(
+            out_device, torch.float32, non_blocking=True
+        )
         norms[torch.tensor(positions, device=out_device)] = group_norms
     return norms
 
