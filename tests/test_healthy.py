@@ -1,0 +1,431 @@
+"""Healthy training loops: every one of them must finish without a single finding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import gradwatch
+from tests.helpers.models import (
+    GAN,
+    EncoderDecoder,
+    LSTMRegressor,
+    ResidualMLP,
+    TiedLM,
+    TransformerRegressor,
+    TwoHead,
+    cnn_bn,
+    mlp,
+    regression_batch,
+    sequence_batch,
+    train,
+)
+
+
+def _data() -> torch.Generator:
+    return torch.Generator().manual_seed(1)
+
+
+def test_mlp_sgd() -> None:
+    model = mlp()
+    watcher = train(model, torch.optim.SGD(model.parameters(), lr=0.05), steps=40)
+    assert watcher.findings == []
+    assert watcher.step == 40
+
+
+def test_cnn_batchnorm_sgd_momentum() -> None:
+    model = cnn_bn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = _data()
+    x = torch.randn(64, 1, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+
+    def step(i: int) -> None:
+        batch = slice((i % 4) * 16, (i % 4 + 1) * 16)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=30, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_transformer_adamw_clipping_and_warmup() -> None:
+    model = TransformerRegressor()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    warmup = 10
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = sequence_batch(generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+
+    watcher = train(model, opt, steps=40, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_lstm_adam() -> None:
+    model = LSTMRegressor()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = sequence_batch(generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=30, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_declared_accumulation() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+    k = 4
+
+    def step(_: int) -> None:
+        for _micro in range(k):
+            x, y = regression_batch(batch=8, generator=g)
+            (nn.functional.mse_loss(model(x), y) / k).backward()
+        opt.step()
+        opt.zero_grad()
+
+    watcher = train(model, opt, steps=20, step_fn=step, accumulation_steps=k)
+    assert watcher.findings == []
+    assert watcher.step == 20
+
+
+def _zeroing_loop(zero: str) -> gradwatch.Watcher:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = _data()
+
+    def step(_: int) -> None:
+        if zero == "set_to_none=False":
+            opt.zero_grad(set_to_none=False)
+        elif zero == "model.zero_grad()":
+            model.zero_grad()
+        elif zero == "foreach_zero_":
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+        x, y = regression_batch(generator=g)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    return train(model, opt, steps=25, step_fn=step)
+
+
+def test_zero_grad_set_to_none_false() -> None:
+    assert _zeroing_loop("set_to_none=False").findings == []
+
+
+def test_model_zero_grad() -> None:
+    assert _zeroing_loop("model.zero_grad()").findings == []
+
+
+def test_foreach_zero_on_grads() -> None:
+    assert _zeroing_loop("foreach_zero_").findings == []
+
+
+def test_frozen_layers() -> None:
+    model = mlp(depth=4)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    watcher = train(model, opt, steps=30)
+    assert watcher.findings == []
+    assert "0.weight" not in watcher.param_names
+
+
+def test_layer_frozen_after_watch_started() -> None:
+    model = EncoderDecoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    watcher = train(model, opt, steps=30)
+    assert watcher.findings == []
+
+
+def test_two_optimizers_each_owning_part_of_the_model() -> None:
+    model = EncoderDecoder()
+    opt_enc = torch.optim.SGD(model.encoder.parameters(), lr=0.05, momentum=0.9)
+    opt_dec = torch.optim.Adam(model.decoder.parameters(), lr=1e-2)
+    g = _data()
+    with gradwatch.watch(model, [opt_enc, opt_dec], on_finding="record") as watcher:
+        for _ in range(30):
+            x, y = regression_batch(generator=g)
+            opt_enc.zero_grad()
+            opt_dec.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt_enc.step()
+            opt_dec.step()
+    assert watcher.findings == []
+    assert watcher.step == 30
+
+
+def test_bf16_autocast_on_cpu() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        nn.functional.mse_loss(out.float(), y).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=30, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_tied_embedding_and_output_weights() -> None:
+    model = TiedLM()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = _data()
+
+    def step(_: int) -> None:
+        tokens = torch.randint(0, 20, (8, 12), generator=g)
+        opt.zero_grad()
+        logits = model(tokens[:, :-1])
+        nn.functional.cross_entropy(logits.reshape(-1, 20), tokens[:, 1:].reshape(-1)).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=30, step_fn=step)
+    assert watcher.findings == []
+    assert watcher.param_names == ["embedding.weight", "mix.weight", "mix.bias"]
+
+
+def test_alternating_heads() -> None:
+    model = TwoHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = _data()
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        target = y if i % 2 == 0 else -y
+        nn.functional.mse_loss(model(x, "a" if i % 2 == 0 else "b"), target).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=40, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_alternating_heads_with_zeroed_not_freed_grads() -> None:
+    model = TwoHead()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = _data()
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad(set_to_none=False)
+        nn.functional.mse_loss(model(x, "a" if i % 2 == 0 else "b"), y).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=40, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_converged_linear_model_keeps_training() -> None:
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = _data()
+
+    def step(_: int) -> None:
+        x = torch.randn(32, 1, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), 2 * x).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=300, step_fn=step)
+    assert watcher.findings == []
+    assert torch.allclose(model.weight, torch.tensor([[2.0]]), atol=1e-5)
+
+
+def test_deep_residual_mlp_with_layernorm() -> None:
+    model = ResidualMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    watcher = train(model, opt, steps=30)
+    assert watcher.findings == []
+
+
+def test_lbfgs_with_closure() -> None:
+    model = mlp(width=16)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5, history_size=5)
+    g = _data()
+    x, y = regression_batch(generator=g)
+
+    def step(_: int) -> None:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    watcher = train(model, opt, steps=10, step_fn=step)
+    assert watcher.findings == []
+    assert watcher.step == 10
+
+
+def test_lbfgs_closure_zeroing_in_place() -> None:
+    model = mlp(width=16)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5, history_size=5)
+    x, y = regression_batch(generator=_data())
+
+    def step(_: int) -> None:
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=False)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    watcher = train(model, opt, steps=10, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_clip_grad_norm_before_step() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+
+    watcher = train(model, opt, steps=30, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_grad_scaler_unscale_and_clip() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        scaler.scale(nn.functional.mse_loss(out.float(), y)).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+
+    watcher = train(model, opt, steps=30, step_fn=step)
+    assert watcher.findings == []
+    assert watcher.step == 30
+
+
+def test_grad_scaler_without_explicit_unscale() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    watcher = train(model, opt, steps=30, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_manual_unscale_in_place() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scale = 1024.0
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        (nn.functional.mse_loss(model(x), y) * scale).backward()
+        torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], 1 / scale)
+        opt.step()
+
+    watcher = train(model, opt, steps=30, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_gan_generator_backward_reaches_discriminator() -> None:
+    gan = GAN()
+    opt_g = torch.optim.Adam(gan.generator.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(gan.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    g = _data()
+    bce = nn.functional.binary_cross_entropy_with_logits
+    with gradwatch.watch(gan, [opt_g, opt_d], on_finding="record") as watcher:
+        for _ in range(40):
+            real = torch.randn(16, 2, generator=g) * 0.5 + 2.0
+            noise = torch.randn(16, 4, generator=g)
+            fake = gan.generator(noise)
+
+            opt_d.zero_grad()
+            d_real = gan.discriminator(real)
+            d_fake = gan.discriminator(fake.detach())
+            loss_d = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
+            loss_d.backward()
+            opt_d.step()
+
+            opt_g.zero_grad()
+            d_fake = gan.discriminator(fake)
+            bce(d_fake, torch.ones_like(d_fake)).backward()  # also fills the discriminator's grads
+            opt_g.step()
+    assert watcher.findings == []
+    assert watcher.step == 40
+
+
+def test_optimizer_none_follows_the_optimizer() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+    with gradwatch.watch(model, on_finding="record") as watcher:
+        for _ in range(30):
+            x, y = regression_batch(generator=g)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    assert watcher.findings == []
+    assert watcher.step == 30
+
+
+def test_model_with_float64_and_float16_parameters() -> None:
+    """Parameters of several dtypes in one model: one statistics group per dtype."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = mlp(out_features=4)
+            self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.offset = nn.Parameter(torch.zeros(4, dtype=torch.float16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.body(x) * self.scale.float() + self.offset.float()
+            return out.sum(dim=1, keepdim=True)
+
+    model = Mixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watcher = train(model, opt, steps=20)
+    assert watcher.findings == []
+    assert watcher.step == 20
