@@ -18,6 +18,7 @@ def gradient_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not grads:
         return torch.zeros(0)
+    grads = [_dense_values(g) for g in grads]
     out_device = grads[0].device
     groups = group_by_device_and_dtype(grads)
     if len(groups) == 1:
@@ -41,12 +42,30 @@ def max_abs(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _foreach_max_abs(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     out: list[torch.Tensor] = [torch.zeros(())] * len(grads)
-    for tensors, positions in group_by_device_and_dtype(grads).values():
+    # The infinity norm of an empty tensor has no identity and raises; its largest |value| is 0.
+    present = [_dense_values(g) for g in grads]
+    nonempty = [g for g in present if g.numel() > 0]
+    where = [i for i, g in enumerate(present) if g.numel() > 0]
+    for tensors, positions in group_by_device_and_dtype(nonempty).values():
         for position, norm in zip(
             positions, torch._foreach_norm(tensors, float("inf")), strict=True
         ):
-            out[position] = norm
+            out[where[position]] = norm
     return out
+
+
+def _dense_values(grad: torch.Tensor) -> torch.Tensor:
+    """A strided tensor with the same L2 norm and largest |value| as ``grad``.
+
+    Sparse gradients (``nn.Embedding(sparse=True)``) have no foreach or vector-norm kernels; the
+    explicitly stored values of a coalesced sparse tensor carry its norm (duplicate indices of an
+    uncoalesced one are summed first).
+    """
+    if grad.layout == torch.strided:
+        return grad
+    if grad.layout == torch.sparse_coo:
+        return grad.coalesce().values()
+    return grad.values()
 
 
 class HostCopy:

@@ -131,3 +131,43 @@ def test_norms_match_the_reference(values: list[list[float]], dtype: torch.dtype
     for norm, grad in zip(norms.tolist(), grads, strict=True):
         assert norm == pytest.approx(_reference(grad), rel=1e-4, abs=1e-6)
         assert math.isfinite(norm)
+
+
+def test_max_abs_of_empty_tensors_is_zero() -> None:
+    grads = [torch.zeros(0), torch.tensor([-3.0, 2.0]), torch.zeros(0, 4, dtype=torch.bfloat16)]
+    assert max_abs(grads).tolist() == [0.0, 3.0, 0.0]
+
+
+def test_sparse_gradients() -> None:
+    """nn.Embedding(sparse=True) gives sparse COO gradients, often with repeated rows."""
+    uncoalesced = torch.sparse_coo_tensor(
+        [[0, 0, 2]], [3.0, 1.0, -3.0], (5,), check_invariants=True
+    )
+    coalesced = torch.sparse_coo_tensor(
+        [[1, 4]], [3.0, 4.0], (5,), check_invariants=True
+    ).coalesce()
+    empty = torch.sparse_coo_tensor(
+        torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (5,), check_invariants=True
+    )
+    dense = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    grads = [uncoalesced, coalesced, empty, dense]
+    norms = gradient_norms(grads)
+    assert norms.tolist() == pytest.approx([5.0, 5.0, 0.0, 2.0])  # rows 0: 3 + 1 = 4
+    assert max_abs(grads).tolist() == [4.0, 4.0, 0.0, 1.0]
+
+
+def test_sparse_gradient_from_an_embedding() -> None:
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 1, 7])).sum().backward()
+    grad = embedding.weight.grad
+    assert grad is not None and grad.is_sparse
+    norms = gradient_norms([grad, torch.ones(4)])
+    assert norms.tolist() == pytest.approx([_reference(grad.to_dense()), 2.0])
+
+
+def test_sparse_non_finite() -> None:
+    grad = torch.sparse_coo_tensor([[0, 3]], [math.nan, 1.0], (5,), check_invariants=True)
+    assert math.isnan(gradient_norms([grad])[0])
+    grad = torch.sparse_coo_tensor([[0, 3]], [-math.inf, 1.0], (5,), check_invariants=True)
+    assert gradient_norms([grad])[0] == math.inf
+    assert max_abs([grad])[0] == math.inf
