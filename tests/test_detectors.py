@@ -117,6 +117,63 @@ def test_forgotten_zero_grad_on_one_of_two_optimizers() -> None:
     assert set(found[0].params) == {"encoder.0.weight", "encoder.0.bias"}
 
 
+def test_forgotten_zero_grad_with_a_sparse_embedding() -> None:
+    class Recommender(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(100, 8, sparse=True)
+            self.fc = nn.Linear(8, 1)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.embedding(tokens).mean(dim=1))
+
+    model = Recommender()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = _data()
+
+    def step(_: int) -> None:
+        tokens = torch.randint(0, 100, (16, 4), generator=g)
+        target = tokens.float().mean(dim=1, keepdim=True) / 100
+        nn.functional.mse_loss(model(tokens), target).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=6, step_fn=step)
+    assert kinds(watcher) == ["missing_zero_grad"]
+    assert watcher.findings[0].step == 1
+    assert set(watcher.findings[0].params) == {"embedding.weight", "fc.weight", "fc.bias"}
+
+
+@pytest.mark.parametrize(
+    ("bug", "kind", "step"),
+    [
+        ("no zero_grad", Kind.MISSING_ZERO_GRAD, 1),
+        ("backward twice", Kind.UNEXPECTED_ACCUMULATION, 0),
+        ("nan input", Kind.NAN, 3),
+    ],
+)
+def test_bugs_found_when_following_optimizers_automatically(
+    bug: str, kind: Kind, step: int
+) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = _data()
+    with gradwatch.watch(model, on_finding="record") as watcher:
+        for i in range(6):
+            x, y = regression_batch(generator=g)
+            if bug != "no zero_grad":
+                opt.zero_grad()
+            if bug == "nan input" and i == 3:
+                x[0, 0] = float("nan")
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward(retain_graph=True)
+            if bug == "backward twice":
+                loss.backward()
+            opt.step()
+    assert [f.kind for f in watcher.findings] == [kind]
+    assert watcher.findings[0].step == step
+    assert watcher.findings[0].params[0].startswith("4.")
+
+
 # ---------------------------------------------------------------- unexpected_accumulation
 
 
@@ -445,6 +502,48 @@ def test_large_finite_low_precision_gradient_is_not_inf(dtype: torch.dtype) -> N
     assert watcher.findings == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_gradient_too_large_to_square_is_exploding_not_inf(dtype: torch.dtype) -> None:
+    """|g| = 1e20 is finite in float32 and bfloat16, but its square overflows float32."""
+    model = nn.Linear(4, 1).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def step(i: int) -> None:
+        opt.zero_grad()
+        (model(torch.ones(1, 4, dtype=dtype)).sum() * (1e20 if i == 3 else 1.0)).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=5, step_fn=step)
+    assert model.weight.grad is not None
+    assert kinds(watcher) == ["exploding"]
+    assert watcher.findings[0].step == 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "p.grad.data.zero_() zeroes through a tensor with its own version counter, so the "
+        "tracker cannot see the reset and reports missing_zero_grad; telling it apart needs "
+        "a look at the values (see the report)"
+    ),
+)
+def test_zeroing_through_dot_data_is_not_missing_zero_grad() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = _data()
+
+    def step(_: int) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.data.zero_()  # the pre-1.0 idiom, still in many scripts
+        x, y = regression_batch(generator=g)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=6, step_fn=step)
+    assert watcher.findings == []
+
+
 # ---------------------------------------------------------------- exploding
 
 
@@ -472,10 +571,16 @@ def test_learning_rate_far_too_high_from_the_start() -> None:
     assert first.params and set(first.params) <= set(_mlp_names(model))
 
 
-def test_learning_rate_raised_mid_run() -> None:
+@pytest.mark.parametrize(
+    ("optimizer", "change"), [("sgd", 20), ("sgd", 6), ("sgd", 40), ("adam", 20)]
+)
+def test_learning_rate_raised_mid_run(optimizer: str, change: int) -> None:
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    change = 20
+    opt: torch.optim.Optimizer
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
     inner = _lr_step(model, opt)
 
     def step(i: int) -> None:
@@ -484,7 +589,7 @@ def test_learning_rate_raised_mid_run() -> None:
                 group["lr"] *= 1000
         inner(i)
 
-    watcher = train(model, opt, steps=40, step_fn=step)
+    watcher = train(model, opt, steps=change + 15, step_fn=step)
     assert watcher.findings, "a 1000x learning-rate jump went unnoticed"
     first = watcher.findings[0]
     assert first.kind == Kind.EXPLODING, watcher.summary()

@@ -429,3 +429,54 @@ def test_model_with_float64_and_float16_parameters() -> None:
     watcher = train(model, opt, steps=20)
     assert watcher.findings == []
     assert watcher.step == 20
+
+
+def test_converged_deep_linear_network_is_not_vanishing() -> None:
+    """Five stacked Linear layers fit a linear map exactly; every gradient then becomes tiny."""
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    g = _data()
+    target_map = torch.randn(4, 4, generator=g) * 0.5
+    x = torch.randn(64, 4, generator=g)
+    losses: list[float] = []
+
+    def step(_: int) -> None:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), x @ target_map)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+
+    watcher = train(model, opt, steps=600, step_fn=step)
+    assert losses[-1] < 1e-9  # converged: the gradients at the end are ~1e-6 or less
+    assert watcher.findings == []
+
+
+class _Recommender(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(100, 8, sparse=True)
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embedding(tokens).mean(dim=1))
+
+
+def test_sparse_embedding_with_sparse_adam() -> None:
+    model = _Recommender()
+    opt_sparse = torch.optim.SparseAdam(list(model.embedding.parameters()), lr=1e-2)
+    opt_dense = torch.optim.Adam(model.fc.parameters(), lr=1e-2)
+    g = _data()
+    with gradwatch.watch(model, [opt_sparse, opt_dense], on_finding="record") as watcher:
+        for _ in range(30):
+            tokens = torch.randint(0, 100, (16, 4), generator=g)
+            target = tokens.float().mean(dim=1, keepdim=True) / 100
+            opt_sparse.zero_grad()
+            opt_dense.zero_grad()
+            nn.functional.mse_loss(model(tokens), target).backward()
+            assert model.embedding.weight.grad is not None
+            assert model.embedding.weight.grad.is_sparse
+            opt_sparse.step()
+            opt_dense.step()
+    assert watcher.findings == []
+    assert watcher.step == 30
