@@ -29,7 +29,7 @@ class DetectorOptions:
     ignore: frozenset[Kind] = frozenset()
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any]) -> DetectorOptions:
+    def check_names(cls, kwargs: dict[str, Any]) -> None:
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
@@ -37,6 +37,10 @@ class DetectorOptions:
                 f"watch() got unknown option(s) {', '.join(map(repr, unknown))}; "
                 f"detector options are: {', '.join(allowed)}"
             )
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> DetectorOptions:
+        cls.check_names(kwargs)
         values = dict(kwargs)
         if "ignore" in values:
             values["ignore"] = _kinds("ignore", values["ignore"])
@@ -84,7 +88,18 @@ def check_log_dir(value: object) -> str | None:
     if value is None:
         return None
     if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value)
+        path = os.fspath(value)
+        if not isinstance(path, str):
+            raise GradWatchTypeError(
+                f"log_dir must be None, a str or an os.PathLike of str, got "
+                f"{type(value).__name__} {value!r}"
+            )
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise GradWatchValueError(
+                f"log_dir must be a directory (or a path where one can be created), got "
+                f"{path!r}, which is an existing file"
+            )
+        return path
     raise GradWatchTypeError(
         f"log_dir must be None, a str or an os.PathLike, got {type(value).__name__} {value!r}"
     )

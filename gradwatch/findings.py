@@ -61,6 +61,8 @@ class Finding:
 
 def _names(f: Finding, limit: int = 5) -> str:
     names = f.params or ((f.param,) if f.param else ())
+    if not names:
+        return "the model"
     shown = ", ".join(repr(n) for n in names[:limit])
     more = len(names) - limit
     return shown + (f" and {more} more" if more > 0 else "")

@@ -93,6 +93,8 @@ def watch(
         >>> [f.kind.value for f in watcher.findings]
         ['missing_zero_grad']
     """
+    # Only detector options travel in **detector_options (not Watcher's own ``sinks``).
+    _options.DetectorOptions.check_names(detector_options)
     return Watcher(
         model,
         optimizer,
@@ -171,6 +173,7 @@ class Watcher:
         self._steppers: dict[int, _Stepper] = {}
         self._follow_all = not optimizers
         self._optimized_cache: frozenset[int] | None = None
+        self._saved_steps: dict[int, int] = {}
         self._closed = False
 
         options = self.options
@@ -188,24 +191,21 @@ class Watcher:
                 vanish_steps=options.vanish_steps,
             ),
         ]
-        all_sinks = list(sinks)
-        if self.log_dir is not None:
-            from gradwatch.sinks.tensorboard import TensorBoardSink
-
-            all_sinks.append(TensorBoardSink(self.log_dir))
-        self._sinks = GuardedSinks(all_sinks)
-
+        self._sinks = GuardedSinks(list(sinks))
+        self._registry = HookRegistry()
+        self._model = weakref.ref(model)
         with _open_watchers_lock:
             if model in _open_watchers:
-                self._sinks.close()
                 raise GradWatchValueError(
-                    f"{type(model).__name__} is already watched by an open Watcher; close that "
-                    f"one first (or use it instead)"
+                    f"model ({type(model).__name__}) is already watched by an open Watcher; "
+                    f"close that one first (or use it instead)"
                 )
             _open_watchers[model] = self
-        self._model = weakref.ref(model)
-        self._registry = HookRegistry()
         try:
+            if self.log_dir is not None:
+                from gradwatch.sinks.tensorboard import TensorBoardSink
+
+                self._sinks = GuardedSinks([*sinks, TensorBoardSink(self.log_dir)])
             self._registry.add_param_hooks(self._table.params, self._tracker.on_accumulated)
             for opt in optimizers:
                 self._steppers[id(opt)] = self._new_stepper(opt)
@@ -236,7 +236,8 @@ class Watcher:
     @property
     def step(self) -> int:
         """Optimizer steps taken so far (the most any watched optimizer has taken)."""
-        return max((s.steps for s in self._steppers.values()), default=0)
+        saved = self._saved_steps.values()
+        return max((*saved, *(s.steps for s in self._steppers.values())), default=0)
 
     @property
     def closed(self) -> bool:
@@ -290,7 +291,19 @@ class Watcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        # The with-block is already failing: close anyway, but let its exception propagate as is.
+        try:
+            self.close()
+        except Exception as error:
+            warnings.warn(
+                f"gradwatch: closing the watcher while the with-block raised "
+                f"{type(exc).__name__} failed too ({error!r})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -315,27 +328,51 @@ class Watcher:
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved, for the same model."""
+        """Restore what :meth:`state_dict` saved, for the same model.
+
+        Raises:
+            GradWatchTypeError: ``state`` is not a dict.
+            GradWatchValueError: ``state`` was saved by another version, for another model or
+                with other detector options; the watcher is then left as it was.
+        """
+        if not isinstance(state, dict):
+            raise GradWatchTypeError(
+                f"state must be a dict from Watcher.state_dict(), got {type(state).__name__}"
+            )
         if state.get("version") != 1:
             raise GradWatchValueError(
-                f"unsupported gradwatch state version {state.get('version')!r}"
+                f"state must come from Watcher.state_dict() (version 1), got version "
+                f"{state.get('version')!r}"
             )
-        if state["param_names"] != self._table.names:
+        if state.get("param_names") != self._table.names:
             raise GradWatchValueError(
                 "state was saved for a model with different parameters; expected "
                 f"{len(self._table.names)} parameters named as this model's"
             )
         with self._lock:
-            for stepper in self._steppers.values():
-                stepper.steps = int(state["steps"].get(stepper.group, stepper.steps))
-            self._saved_steps = {int(g): int(n) for g, n in state["steps"].items()}
-            self._tracker.load_state_dict(state["tracker"])
-            for detector, detector_state in zip(self._detectors, state["detectors"], strict=True):
-                detector.load_state_dict(detector_state)
-            self._findings = [_finding_from_dict(d) for d in state["findings"]]
-            self._occurrences = collections.Counter(
-                {(Kind(kind), param): int(count) for kind, param, count in state["occurrences"]}
-            )
+            previous = self.state_dict()
+            previous_saved = dict(self._saved_steps)
+            try:
+                self._load(state)
+            except (KeyError, TypeError, ValueError) as error:
+                self._load(previous)
+                self._saved_steps = previous_saved
+                raise GradWatchValueError(
+                    f"state could not be loaded into this watcher (saved with other detector "
+                    f"options?): {error}"
+                ) from error
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self._saved_steps = {int(g): int(n) for g, n in state["steps"].items()}
+        for stepper in self._steppers.values():
+            stepper.steps = self._saved_steps.get(stepper.group, stepper.steps)
+        self._tracker.load_state_dict(state["tracker"])
+        for detector, detector_state in zip(self._detectors, state["detectors"], strict=True):
+            detector.load_state_dict(detector_state)
+        self._findings = [_finding_from_dict(d) for d in state["findings"]]
+        self._occurrences = collections.Counter(
+            {(Kind(kind), param): int(count) for kind, param, count in state["occurrences"]}
+        )
 
     # ------------------------------------------------------------------ hooks
 
@@ -449,8 +486,7 @@ class Watcher:
         stepper = _Stepper(group=len(self._steppers), optimizer=weakref.ref(optimizer))
         self._refresh(stepper, optimizer)
         stepper.window_start_pass = self._tracker.backward_passes
-        saved = getattr(self, "_saved_steps", {})
-        stepper.steps = saved.get(stepper.group, 0)
+        stepper.steps = self._saved_steps.get(stepper.group, 0)
         return stepper
 
     def _stepper_for(self, optimizer: torch.optim.Optimizer) -> _Stepper | None:
@@ -497,8 +533,8 @@ def _check_optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
     items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     if isinstance(optimizer, (list, tuple)) and not items:
         raise GradWatchValueError(
-            "optimizer must be an optimizer, a non-empty list of optimizers, or None; got an "
-            "empty list"
+            f"optimizer must be a torch.optim.Optimizer, a non-empty list of them, or None; got "
+            f"an empty {type(optimizer).__name__}"
         )
     checked: list[torch.optim.Optimizer] = []
     for item in items:

@@ -44,11 +44,17 @@ class TensorBoardSink:
         kind = finding.kind.value
         self._counts[kind] = self._counts.get(kind, 0) + 1
         self._writer.add_scalar(f"gradwatch/findings/{kind}", self._counts[kind], finding.step)
-        self._writer.add_text(
-            "gradwatch/findings",
-            f"**{kind}** `{finding.param}`: {finding.message}",
-            finding.step,
+        self._add_text(
+            "gradwatch/findings", f"**{kind}** `{finding.param}`: {finding.message}", finding.step
         )
+
+    def _add_text(self, tag: str, text: str, step: int) -> None:
+        # SummaryWriter.add_text would file it under "<tag>/text_summary"; keep the tag as given.
+        from torch.utils.tensorboard.summary import text as text_summary
+
+        summary = text_summary(tag, text)  # type: ignore[no-untyped-call]
+        summary.value[0].tag = tag
+        self._writer._get_file_writer().add_summary(summary, step)  # type: ignore[no-untyped-call]
 
     def flush(self) -> None:
         self._writer.flush()
