@@ -382,7 +382,9 @@ class Watcher:
         stepper = self._stepper_for(optimizer)
         if stepper is None:
             return
-        if args or kwargs.get("closure") is not None:
+        # torch passes step()'s positional arguments with the optimizer itself first.
+        positional = args[1:] if args and args[0] is optimizer else args
+        if kwargs.get("closure") is not None or any(a is not None for a in positional):
             # The closure computes the gradients inside step(): check them after it.
             stepper.deferred = True
             return
