@@ -1,0 +1,36 @@
+"""Every example runs and shows the finding it claims, so the examples never rot."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+CLAIMS = {
+    "first_model.py": ["[missing_zero_grad]", "step 1:", "no gradient problems found in 5"],
+    "plain_missing_zero_grad.py": ["[missing_zero_grad]", "step 1:"],
+    "plain_nan.py": ["[nan] 2.bias", "step 5:"],
+    "plain_exploding.py": ["[exploding]", "step 16:"],
+    "plain_vanishing.py": ["[vanishing] 0.weight"],
+}
+
+
+def test_every_example_is_covered() -> None:
+    scripts = {p.name for p in EXAMPLES.glob("*.py")}
+    assert set(CLAIMS) | {"planted_bugs.py"} >= scripts
+
+
+@pytest.mark.parametrize("script", sorted(CLAIMS))
+def test_example_shows_its_finding(script: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for claim in CLAIMS[script]:
+        assert claim in result.stdout, f"{script} should print {claim!r}:\n{result.stdout}"
