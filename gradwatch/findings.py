@@ -59,6 +59,10 @@ class Finding:
         return f"[{self.kind.value}] {self.message}"
 
 
+def _plural(f: Finding, one: str, many: str) -> str:
+    return many if len(f.params) > 1 else one
+
+
 def _names(f: Finding, limit: int = 5) -> str:
     names = f.params or ((f.param,) if f.param else ())
     if not names:
@@ -131,16 +135,19 @@ def _vanishing(f: Finding) -> str:
 
 def _no_grad(f: Finding) -> str:
     return (
-        f"{_names(f)} requires grad but received no gradient in {_fmt_int(f.value)} backward "
-        f"passes: it is not connected to the loss (a .detach(), torch.no_grad(), or a layer the "
-        f"forward pass never uses). Connect it, or freeze it with requires_grad_(False)."
+        f"{_names(f)} {_plural(f, 'requires', 'require')} grad but received no gradient in "
+        f"{_fmt_int(f.value)} backward passes: not connected to the loss (a .detach(), "
+        f"torch.no_grad(), or a layer the forward pass never uses). Connect "
+        f"{_plural(f, 'it', 'them')}, or freeze {_plural(f, 'it', 'them')} with "
+        f"requires_grad_(False)."
     )
 
 
 def _not_in_optimizer(f: Finding) -> str:
     return (
-        f"{_names(f)} receives gradients but no watched optimizer updates it (was it created "
-        f"after the optimizer?). Build the optimizer after the model is complete, or add it with "
+        f"{_names(f)} {_plural(f, 'receives', 'receive')} gradients but no watched optimizer "
+        f"updates {_plural(f, 'it', 'them')} (created after the optimizer?). Build the optimizer "
+        f"after the model is complete, or add {_plural(f, 'it', 'them')} with "
         f"optimizer.add_param_group()."
     )
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sets up .venv if needed, then trains small models with planted gradient bugs and prints what
-# gradwatch finds. Extra arguments go to examples/planted_bugs.py (e.g. --log-dir DIR --steps N).
+# Sets up .venv if needed, then runs `gradwatch demo`: small models with planted gradient bugs,
+# what gradwatch finds in each, TensorBoard logs. Extra arguments go to it (--log-dir, --steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python examples/planted_bugs.py "$@"
+exec .venv/bin/gradwatch demo "$@"

@@ -11,6 +11,7 @@ from torch import nn
 import gradwatch
 from gradwatch import Finding, Kind
 from tests.helpers.models import (
+    GAN,
     EncoderDecoder,
     TwoHead,
     dead_relu_mlp,
@@ -682,3 +683,36 @@ def test_vanish_steps_option() -> None:
     watcher = train(model, opt, steps=20, vanish_steps=2)
     assert kinds(watcher) == ["vanishing"]
     assert watcher.findings[0].step == 1
+
+
+def test_no_grad_counts_the_passes_that_reach_the_parameters_optimizer() -> None:
+    """A generator layer cut off by .detach() is found once the generator's optimizer has seen
+    no_grad_after passes, however many critic passes run in between."""
+    gan = GAN()
+    opt_g = torch.optim.RMSprop(gan.generator.parameters(), lr=5e-4)
+    opt_d = torch.optim.RMSprop(gan.discriminator.parameters(), lr=5e-4)
+    first_layer = next(iter(gan.generator.parameters()))
+    first_name = next(n for n, p in gan.named_parameters() if p is first_layer)
+    g = torch.Generator().manual_seed(0)
+
+    def generate(noise: torch.Tensor) -> torch.Tensor:
+        layers = list(gan.generator.children())
+        hidden = layers[0](noise).detach()  # the bug: cuts the first layer off
+        for layer in layers[1:]:
+            hidden = layer(hidden)
+        return hidden
+
+    with gradwatch.watch(gan, [opt_g, opt_d], on_finding="record") as watcher:
+        for _ in range(8):
+            for _ in range(5):
+                fake = generate(torch.randn(16, 4, generator=g)).detach()
+                opt_d.zero_grad()
+                gan.discriminator(fake).mean().backward()
+                opt_d.step()
+            opt_g.zero_grad()
+            (-gan.discriminator(generate(torch.randn(16, 4, generator=g))).mean()).backward()
+            opt_g.step()
+    found = [f for f in watcher.findings if f.kind is Kind.NO_GRAD]
+    assert len(found) == 1
+    assert found[0].param == first_name
+    assert found[0].step == 4  # the fifth generator step: 5 passes reached the generator

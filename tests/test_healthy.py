@@ -396,6 +396,26 @@ def test_gan_generator_backward_reaches_discriminator() -> None:
     assert watcher.step == 40
 
 
+def test_wgan_five_critic_steps_per_generator_step() -> None:
+    """The generator gets gradients once per six backward passes: not disconnected."""
+    gan = GAN()
+    opt_g = torch.optim.RMSprop(gan.generator.parameters(), lr=5e-4)
+    opt_d = torch.optim.RMSprop(gan.discriminator.parameters(), lr=5e-4)
+    g = _data()
+    with gradwatch.watch(gan, [opt_g, opt_d], on_finding="record") as watcher:
+        for _ in range(8):
+            for _ in range(5):
+                real = torch.randn(16, 2, generator=g) * 0.5 + 2.0
+                fake = gan.generator(torch.randn(16, 4, generator=g)).detach()
+                opt_d.zero_grad()
+                (gan.discriminator(fake).mean() - gan.discriminator(real).mean()).backward()
+                opt_d.step()
+            opt_g.zero_grad()
+            (-gan.discriminator(gan.generator(torch.randn(16, 4, generator=g))).mean()).backward()
+            opt_g.step()
+    assert watcher.findings == []
+
+
 def test_optimizer_none_follows_the_optimizer() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import gradwatch
-import gradwatch.watcher as watcher_module
+import gradwatch._monitor as monitor_module
 from gradwatch import Finding, GradientError, GradWatchWarning, Kind
 from gradwatch._stats import HostCopy
 from tests.helpers.contract import BrokenSink, RecordingSink, hook_counts, run_steps
@@ -328,7 +328,7 @@ def test_exception_from_close_does_not_replace_the_loops_exception(
         def ready(self) -> bool:
             return False
 
-    monkeypatch.setattr(watcher_module, "HostCopy", SlowCopy)
+    monkeypatch.setattr(monitor_module, "HostCopy", SlowCopy)
     before = hook_counts(model, optimizer)
 
     def policy(finding: Finding) -> None:
@@ -359,7 +359,7 @@ def test_findings_still_in_flight_are_recorded_at_close(
         def ready(self) -> bool:
             return False
 
-    monkeypatch.setattr(watcher_module, "HostCopy", SlowCopy)
+    monkeypatch.setattr(monitor_module, "HostCopy", SlowCopy)
     sink = RecordingSink()
     with gradwatch.Watcher(model, optimizer, on_finding="raise", sinks=[sink]) as watcher:
         _step_with_nan(model, optimizer)
@@ -436,11 +436,11 @@ def test_state_dict_keeps_detector_history(
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
-        ("not a dict", TypeError, r"state must be a dict from Watcher\.state_dict\(\), got str"),
+        ("not a dict", TypeError, r"state must be a dict from state_dict\(\), got str"),
         (
             {"version": 2},
             ValueError,
-            r"state must come from Watcher\.state_dict\(\) .*got version 2",
+            r"state must come from state_dict\(\) .*got version 2",
         ),
         (
             {"param_names": ["a", "b"]},

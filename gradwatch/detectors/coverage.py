@@ -18,16 +18,26 @@ class CoverageDetector:
 
     Args:
         no_grad_after: Backward passes after which a trainable parameter that has never received
-            a gradient is reported.
+            a gradient is reported. Only passes that reached the parameter's optimizer (gave
+            gradients to some of its parameters) count, so a generator that steps once per five
+            discriminator passes is not reported.
         optimized: Returns the set of parameter positions the watched optimizers update, or
             ``None`` while that is not known yet.
+        passes_reaching: Returns, for each given position, the backward passes that reached the
+            optimizer owning it (all passes for a parameter no optimizer owns).
     """
 
     needs_statistics = False
 
-    def __init__(self, no_grad_after: int, optimized: Callable[[], frozenset[int] | None]) -> None:
+    def __init__(
+        self,
+        no_grad_after: int,
+        optimized: Callable[[], frozenset[int] | None],
+        passes_reaching: Callable[[list[int]], list[int]],
+    ) -> None:
         self.no_grad_after = no_grad_after
         self._optimized = optimized
+        self._passes_reaching = passes_reaching
         self._reported_no_grad: set[int] = set()
         self._reported_orphans: set[int] = set()
         self._seen_received = -1
@@ -37,25 +47,28 @@ class CoverageDetector:
         tracker = ctx.tracker
         table = ctx.table
         findings = []
-        passes = tracker.backward_passes
         unaccounted = len(table) - tracker.received_count - len(self._reported_no_grad)
-        if passes >= self.no_grad_after and unaccounted > 0:
-            missing = [
+        if tracker.backward_passes >= self.no_grad_after and unaccounted > 0:
+            candidates = [
                 i
                 for i in range(len(table))
                 if not tracker.received[i]
                 and table.params[i].requires_grad
                 and i not in self._reported_no_grad
             ]
+            passes = self._passes_reaching(candidates)
+            missing = [
+                (i, n) for i, n in zip(candidates, passes, strict=True) if n >= self.no_grad_after
+            ]
             if missing:
-                self._reported_no_grad.update(missing)
-                names = tuple(table.names[i] for i in missing)
+                self._reported_no_grad.update(i for i, _ in missing)
+                names = tuple(table.names[i] for i, _ in missing)
                 findings.append(
                     Finding(
                         Kind.NO_GRAD,
                         ctx.step,
                         names[0],
-                        value=float(passes),
+                        value=float(max(n for _, n in missing)),
                         threshold=float(self.no_grad_after),
                         params=names,
                     )

@@ -56,6 +56,8 @@ class MagnitudeDetector:
         self._checks_since_refresh = 0
         self._depth_streak: dict[int, int] = {}
         self._zero_streak = torch.zeros(num_params, dtype=torch.long)
+        self._numels: torch.Tensor | None = None
+        self._is_matrix: torch.Tensor | None = None
 
     def check(self, ctx: CheckContext) -> list[Finding]:
         if not ctx.indices:
@@ -63,8 +65,7 @@ class MagnitudeDetector:
         index = torch.tensor(ctx.indices)
         norms = ctx.host_norms().double()
         finite = torch.isfinite(norms)
-        last_pass = ctx.tracker.last_pass
-        fresh = torch.tensor([last_pass[i] >= ctx.window_start_pass for i in ctx.indices])
+        fresh = torch.tensor(ctx.tracker.last_pass)[index] >= ctx.window_start_pass
         findings = []
         exploding = self._exploding(ctx, index, norms, finite)
         if exploding is not None:
@@ -113,56 +114,74 @@ class MagnitudeDetector:
         self, ctx: CheckContext, index: torch.Tensor, norms: torch.Tensor, usable: torch.Tensor
     ) -> list[Finding]:
         findings = []
-        table = ctx.table
-        numels = torch.tensor([table.numels[i] for i in ctx.indices], dtype=torch.float64)
-        usable = usable & (numels > 0)
-
-        depth_ordered = [
-            j
-            for j in sorted(
-                range(len(ctx.indices)),
-                key=lambda j: -ctx.tracker.first_position[ctx.indices[j]],
-            )
-            if bool(usable[j]) and table.ndims[ctx.indices[j]] >= 2
-        ]
+        names = ctx.table.names
+        numels, is_matrix = self._shapes(ctx)
+        numels = numels[index]
+        weights = usable & is_matrix[index] & (numels > 0)
         streak = 0
-        if len(depth_ordered) >= 4:
-            rms = norms / numels.clamp(min=1).sqrt()
-            quarter = max(1, len(depth_ordered) // 4)
-            early = rms[depth_ordered[:quarter]]
-            late = rms[depth_ordered[-quarter:]]
-            late_median = float(late.median())
-            ratio = float(early.median()) / late_median if late_median > 0 else math.nan
+        if int(weights.sum()) >= 4:
+            candidates = weights.nonzero().flatten()
+            first_position = torch.tensor(ctx.tracker.first_position)[index[candidates]]
+            # Gradients arrive output side first: the largest position is the earliest layer.
+            order = candidates[first_position.argsort(descending=True, stable=True)]
+            rms = norms[order] / numels[order].sqrt()
+            quarter = max(1, len(order) // 4)
+            late_median = float(rms[-quarter:].median())
+            ratio = float(rms[:quarter].median()) / late_median if late_median > 0 else math.nan
             if ratio < self.vanish_ratio:
                 streak = self._depth_streak.get(ctx.group, 0) + 1
                 if streak == self.vanish_steps:
-                    smallest = sorted(depth_ordered[:quarter], key=lambda j: float(rms[j]))
-                    names = tuple(table.names[ctx.indices[j]] for j in smallest)
+                    smallest = order[:quarter][rms[:quarter].argsort(stable=True)].tolist()
+                    early = tuple(names[ctx.indices[j]] for j in smallest)
                     findings.append(
                         Finding(
                             Kind.VANISHING,
                             ctx.step,
-                            names[0],
+                            early[0],
                             value=ratio,
                             threshold=self.vanish_ratio,
-                            params=names,
+                            params=early,
                         )
                     )
         self._depth_streak[ctx.group] = streak
 
-        zero = usable & (norms == 0)
+        # Dead layers. A bias alone can be legitimately irrelevant to the loss (a WGAN critic's
+        # output bias gets exactly zero gradient by construction), so a 1-D parameter counts only
+        # beside a dead weight matrix of the same module.
+        zero = usable & (numels > 0) & (norms == 0)
         streaks = self._zero_streak[index]
         streaks = torch.where(
             zero, streaks + 1, torch.where(usable, torch.zeros_like(streaks), streaks)
         )
         self._zero_streak[index] = streaks
-        dead = (streaks == self.vanish_steps) & zero
-        if bool(dead.any()) and bool((usable & (norms > 0)).any()):
-            names = tuple(table.names[ctx.indices[j]] for j in dead.nonzero().flatten().tolist())
+        dead = ((streaks == self.vanish_steps) & zero).nonzero().flatten().tolist()
+        dead_matrices = {j for j in dead if bool(is_matrix[ctx.indices[j]])}
+        dead_modules = {names[ctx.indices[j]].rpartition(".")[0] for j in dead_matrices}
+        dead_names = tuple(
+            names[ctx.indices[j]]
+            for j in dead
+            if j in dead_matrices or names[ctx.indices[j]].rpartition(".")[0] in dead_modules
+        )
+        if dead_names and bool((usable & (norms > 0)).any()):
             findings.append(
-                Finding(Kind.VANISHING, ctx.step, names[0], value=0.0, threshold=0.0, params=names)
+                Finding(
+                    Kind.VANISHING,
+                    ctx.step,
+                    dead_names[0],
+                    value=0.0,
+                    threshold=0.0,
+                    params=dead_names,
+                )
             )
         return findings
+
+    def _shapes(self, ctx: CheckContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Element counts (float64) and is-a-matrix flags of every watched parameter."""
+        if self._numels is None or len(self._numels) != len(ctx.table):
+            self._numels = torch.tensor(ctx.table.numels, dtype=torch.float64)
+            self._is_matrix = torch.tensor([n >= 2 for n in ctx.table.ndims])
+        assert self._is_matrix is not None
+        return self._numels, self._is_matrix
 
     def _remember(
         self, group: int, index: torch.Tensor, norms: torch.Tensor, usable: torch.Tensor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ class NumericsDetector:
     A NaN anywhere in a gradient makes its norm NaN, so a NaN norm is proof. An infinite norm is
     either a real +/-Inf or finite values whose squares overflow float32 (|g| > ~1.8e19); when the
     gradients are still at hand the largest |value| tells them apart, and an overflow is left to
-    the magnitude detector as the largest finite float32 norm.
+    the magnitude detector with the largest |value| standing in for the norm.
     """
 
     needs_statistics = True
@@ -29,11 +30,11 @@ class NumericsDetector:
         inf_at = torch.isinf(norms)
         positions = inf_at.nonzero().flatten().tolist()
         if positions and ctx.max_abs is not None:
-            really_inf = torch.isinf(ctx.max_abs(positions)).tolist()
-            for position, is_inf in zip(positions, really_inf, strict=True):
-                if not is_inf:
+            largest = ctx.max_abs(positions)
+            for position, value in zip(positions, largest.tolist(), strict=True):
+                if math.isfinite(value):
                     inf_at[position] = False
-                    norms[position] = torch.finfo(torch.float32).max
+                    norms[position] = value  # a lower bound of the norm, for the exploding check
         findings = []
         for kind, mask in ((Kind.NAN, nan_at), (Kind.INF, inf_at)):
             affected = [ctx.indices[j] for j in mask.nonzero().flatten().tolist()]

@@ -1,0 +1,425 @@
+"""The core both front ends drive: checks of one optimizer's gradients, detectors, findings.
+
+One check: the gradients an optimizer is about to use -> one foreach pass of norms, copied to the
+host -> detectors -> findings -> policy and sinks. The front end decides when a check happens
+(``watch()``: optimizer step hooks; the Lightning callback: Lightning's hooks) and feeds the
+tracker from one post-accumulate-grad hook per parameter.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import threading
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch import _options
+from gradwatch._stats import HostCopy, gradient_norms, max_abs
+from gradwatch._tracker import GradientTracker
+from gradwatch.detectors import (
+    AccumulationDetector,
+    CheckContext,
+    CoverageDetector,
+    Detector,
+    MagnitudeDetector,
+    NumericsDetector,
+    ParamTable,
+)
+from gradwatch.findings import (
+    Finding,
+    GradientError,
+    GradWatchTypeError,
+    GradWatchValueError,
+    GradWatchWarning,
+    Kind,
+)
+from gradwatch.sinks import GuardedSinks, Sink
+
+
+@dataclasses.dataclass(eq=False)
+class _Stepper:
+    """What the watcher knows about one optimizer."""
+
+    group: int
+    optimizer: weakref.ref[torch.optim.Optimizer]
+    signature: tuple[tuple[int, int], ...] = ()
+    positions: list[int] = dataclasses.field(default_factory=list)
+    position_set: frozenset[int] = frozenset()
+    steps: int = 0
+    window_start_pass: int = 0
+    reached_passes: int = 0
+    """Backward passes that gave gradients to at least one of this optimizer's parameters."""
+    counted_passes: int = 0
+    deferred: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class _PendingCheck:
+    context: CheckContext
+    copy: HostCopy
+
+
+class Monitor:
+    """Gradient checks of one model's parameters, for any number of optimizers.
+
+    Args:
+        named: The watched parameters with their qualified names.
+        optimizers: The optimizers to check; empty to adopt every optimizer that steps any of
+            these parameters (``follow_all``).
+        accumulation_steps, options, on_finding: As validated by ``watch()``.
+        sinks: Outputs; the monitor closes them.
+    """
+
+    def __init__(
+        self,
+        named: Sequence[tuple[str, nn.Parameter]],
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        accumulation_steps: int,
+        options: _options.DetectorOptions,
+        on_finding: _options.OnFinding,
+        sinks: Sequence[Sink] = (),
+    ) -> None:
+        self.accumulation_steps = accumulation_steps
+        self.options = options
+        self._on_finding = on_finding
+        self._table = ParamTable.from_named(named)
+        self.tracker = GradientTracker(len(self._table))
+        self._tracker = self.tracker
+        self._lock = threading.RLock()
+        self._findings: list[Finding] = []
+        self._occurrences: collections.Counter[tuple[Kind, str | None]] = collections.Counter()
+        self._pending: collections.deque[_PendingCheck] = collections.deque()
+        self._position = {id(p): i for i, p in enumerate(self._table.params)}
+        self._steppers: dict[int, _Stepper] = {}
+        self._follow_all = not optimizers
+        self._optimized_cache: frozenset[int] | None = None
+        self._saved_steps: dict[int, int] = {}
+        self._detectors: list[Detector] = [
+            AccumulationDetector(accumulation_steps),
+            CoverageDetector(
+                options.no_grad_after, self._optimized_positions, self._passes_reaching
+            ),
+            NumericsDetector(),
+            MagnitudeDetector(
+                len(self._table),
+                explode_factor=options.explode_factor,
+                max_grad_norm=options.max_grad_norm,
+                warmup_steps=options.warmup_steps,
+                history=options.history,
+                vanish_ratio=options.vanish_ratio,
+                vanish_steps=options.vanish_steps,
+            ),
+        ]
+        self._sinks = GuardedSinks(list(sinks))
+        for optimizer in optimizers:
+            self._steppers[id(optimizer)] = self._new_stepper(optimizer)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The first occurrence of each (kind, parameter), in the order found."""
+        with self._lock:
+            return list(self._findings)
+
+    @property
+    def occurrences(self) -> dict[tuple[Kind, str | None], int]:
+        """How many checks showed each (kind, parameter) so far."""
+        with self._lock:
+            return dict(self._occurrences)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (the most any watched optimizer has taken)."""
+        saved = self._saved_steps.values()
+        return max((*saved, *(s.steps for s in self._steppers.values())), default=0)
+
+    @property
+    def param_names(self) -> list[str]:
+        """Qualified names of the watched parameters."""
+        return list(self._table.names)
+
+    def summary(self) -> str:
+        """A readable report of every finding so far."""
+        findings = self.findings
+        if not findings:
+            return f"gradwatch: no gradient problems found in {self.step} optimizer steps."
+        occurrences = self.occurrences
+        lines = [f"gradwatch: {len(findings)} finding(s) in {self.step} optimizer steps:"]
+        for f in findings:
+            seen = occurrences.get((f.kind, f.param), 1)
+            again = f" (seen at {seen} checks)" if seen > 1 else ""
+            lines.append(f"  [{f.kind.value}] {f.param or '(model)'}{again}")
+            lines.append(f"      {f.message}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Report what is still in flight (without raising), flush and close the outputs."""
+        try:
+            self._drain(block=True, raising=False)
+        finally:
+            self._sinks.flush()
+            self._sinks.close()
+            self._table.params.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counts, detector history and findings, for resuming a run."""
+        with self._lock:
+            return {
+                "version": 1,
+                "param_names": list(self._table.names),
+                "steps": {s.group: s.steps for s in self._steppers.values()},
+                "tracker": self._tracker.state_dict(),
+                "detectors": [d.state_dict() for d in self._detectors],
+                "findings": [_finding_to_dict(f) for f in self._findings],
+                "occurrences": [
+                    [kind.value, param, count] for (kind, param), count in self._occurrences.items()
+                ],
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, for the same model.
+
+        Raises:
+            GradWatchTypeError: ``state`` is not a dict.
+            GradWatchValueError: ``state`` was saved by another version, for another model or
+                with other detector options; the watcher is then left as it was.
+        """
+        if not isinstance(state, dict):
+            raise GradWatchTypeError(
+                f"state must be a dict from state_dict(), got {type(state).__name__}"
+            )
+        if state.get("version") != 1:
+            raise GradWatchValueError(
+                f"state must come from state_dict() (version 1), got version "
+                f"{state.get('version')!r}"
+            )
+        if state.get("param_names") != self._table.names:
+            raise GradWatchValueError(
+                "state was saved for a model with different parameters; expected "
+                f"{len(self._table.names)} parameters named as this model's"
+            )
+        with self._lock:
+            previous = self.state_dict()
+            previous_saved = dict(self._saved_steps)
+            try:
+                self._load(state)
+            except (KeyError, TypeError, ValueError) as error:
+                self._load(previous)
+                self._saved_steps = previous_saved
+                raise GradWatchValueError(
+                    f"state could not be loaded into this watcher (saved with other detector "
+                    f"options?): {error}"
+                ) from error
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self._saved_steps = {int(g): int(n) for g, n in state["steps"].items()}
+        for stepper in self._steppers.values():
+            stepper.steps = self._saved_steps.get(stepper.group, stepper.steps)
+        self._tracker.load_state_dict(state["tracker"])
+        for detector, detector_state in zip(self._detectors, state["detectors"], strict=True):
+            detector.load_state_dict(detector_state)
+        self._findings = [_finding_from_dict(d) for d in state["findings"]]
+        self._occurrences = collections.Counter(
+            {(Kind(kind), param): int(count) for kind, param, count in state["occurrences"]}
+        )
+
+    # ------------------------------------------------------------------ hooks
+
+    def before_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        stepper = self._stepper_for(optimizer)
+        if stepper is None:
+            return
+        # torch passes step()'s positional arguments with the optimizer itself first.
+        positional = args[1:] if args and args[0] is optimizer else args
+        if kwargs.get("closure") is not None or any(a is not None for a in positional):
+            # The closure computes the gradients inside step(): check them after it.
+            stepper.deferred = True
+            return
+        self._check(stepper)
+
+    def after_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        stepper = self._stepper_for(optimizer)
+        if stepper is None:
+            return
+        if stepper.deferred:
+            stepper.deferred = False
+            self._check(stepper)
+        params = self._table.params
+        self._tracker.on_stepped(stepper.positions, [params[i].grad for i in stepper.positions])
+        stepper.steps += 1
+        stepper.window_start_pass = self._tracker.backward_passes
+
+    # ------------------------------------------------------------------ checks
+
+    def _check(self, stepper: _Stepper) -> None:
+        params = self._table.params
+        positions: list[int] = []
+        grads: list[torch.Tensor] = []
+        for i in stepper.positions:
+            grad = params[i].grad
+            if grad is not None:
+                positions.append(i)
+                grads.append(grad)
+        self._count_reaching_passes(stepper, positions)
+        context = CheckContext(
+            step=stepper.steps,
+            group=stepper.group,
+            indices=positions,
+            table=self._table,
+            tracker=self._tracker,
+            window_start_pass=stepper.window_start_pass,
+        )
+        findings = self._run(context, statistics=False)
+        copy = HostCopy(gradient_norms(grads))
+        if copy.ready() and not self._pending:
+            context.max_abs = lambda where: max_abs([grads[j] for j in where])
+            findings += self._process(context, copy)
+        else:
+            self._pending.append(_PendingCheck(context, copy))
+        self._report(findings)
+        self._drain(block=False, raising=True)
+
+    def _drain(self, *, block: bool, raising: bool) -> None:
+        while self._pending and (block or self._pending[0].copy.ready()):
+            pending = self._pending.popleft()
+            self._report(self._process(pending.context, pending.copy), raising=raising)
+
+    def _process(self, context: CheckContext, copy: HostCopy) -> list[Finding]:
+        context.norms = copy.wait().clone()
+        findings = self._run(context, statistics=True)
+        if self._sinks:
+            norms = context.norms
+            finite = norms[torch.isfinite(norms)]
+            total = float(finite.double().square().sum().sqrt()) if len(finite) else math.nan
+            names = [self._table.names[i] for i in context.indices]
+            self._sinks.write_check(context.step, names, norms, total)
+        return findings
+
+    def _run(self, context: CheckContext, *, statistics: bool) -> list[Finding]:
+        findings: list[Finding] = []
+        for detector in self._detectors:
+            if detector.needs_statistics == statistics:
+                findings.extend(detector.check(context))
+        return findings
+
+    def _report(self, findings: list[Finding], *, raising: bool = True) -> None:
+        new: list[Finding] = []
+        with self._lock:
+            for finding in findings:
+                if finding.kind in self.options.ignore:
+                    continue
+                key = (finding.kind, finding.param)
+                self._occurrences[key] += 1
+                if self._occurrences[key] == 1:
+                    self._findings.append(finding)
+                    new.append(finding)
+        for finding in new:
+            self._sinks.write_finding(finding)
+        for finding in new:
+            self._apply_policy(finding, raising=raising)
+
+    def _apply_policy(self, finding: Finding, *, raising: bool) -> None:
+        policy = self._on_finding
+        if policy == "warn":
+            warnings.warn(GradWatchWarning(finding), stacklevel=4)
+        elif policy == "raise":
+            if raising:
+                raise GradientError(finding)
+        elif callable(policy):
+            policy(finding)
+
+    # ------------------------------------------------------------------ optimizers
+
+    def _new_stepper(self, optimizer: torch.optim.Optimizer) -> _Stepper:
+        stepper = _Stepper(group=len(self._steppers), optimizer=weakref.ref(optimizer))
+        self._refresh(stepper, optimizer)
+        stepper.window_start_pass = self._tracker.backward_passes
+        stepper.steps = self._saved_steps.get(stepper.group, 0)
+        return stepper
+
+    def _stepper_for(self, optimizer: torch.optim.Optimizer) -> _Stepper | None:
+        stepper = self._steppers.get(id(optimizer))
+        if stepper is not None and stepper.optimizer() is not optimizer:
+            stepper = None  # a new optimizer reusing a dead one's id
+            del self._steppers[id(optimizer)]
+        if stepper is None:
+            if not self._follow_all:
+                return None
+            stepper = self._new_stepper(optimizer)
+            self._steppers[id(optimizer)] = stepper
+            self._optimized_cache = None
+        else:
+            self._refresh(stepper, optimizer)
+        return stepper if stepper.positions else None
+
+    def _refresh(self, stepper: _Stepper, optimizer: torch.optim.Optimizer) -> None:
+        signature = tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+        if signature == stepper.signature:
+            return
+        stepper.signature = signature
+        position = self._position
+        ids = (id(p) for group in optimizer.param_groups for p in group["params"])
+        stepper.position_set = frozenset(position[i] for i in ids if i in position)
+        stepper.positions = sorted(stepper.position_set)
+        self._optimized_cache = None
+
+    def _count_reaching_passes(self, stepper: _Stepper, positions: list[int]) -> None:
+        passes = self.tracker.backward_passes
+        start = max(stepper.window_start_pass, stepper.counted_passes)
+        last_pass = self.tracker.last_pass
+        if any(last_pass[i] >= start for i in positions):
+            # Passes of other optimizers may fall in the same window: count at most the passes
+            # one step is declared to accumulate.
+            stepper.reached_passes += min(passes - start, self.accumulation_steps)
+        stepper.counted_passes = passes
+
+    def _passes_reaching(self, positions: list[int]) -> list[int]:
+        steppers = list(self._steppers.values())
+        unowned = self.tracker.backward_passes
+        if self._follow_all and self._optimized_positions() is None:
+            unowned = 0  # whose parameter it is may not be known yet
+        return [
+            max((s.reached_passes for s in steppers if i in s.position_set), default=unowned)
+            for i in positions
+        ]
+
+    def _optimized_positions(self) -> frozenset[int] | None:
+        if self._follow_all and (
+            not any(s.positions for s in self._steppers.values())
+            or self._tracker.backward_passes < self.options.no_grad_after
+        ):
+            return None
+        if self._optimized_cache is None:
+            self._optimized_cache = frozenset(
+                i for s in self._steppers.values() for i in s.positions
+            )
+        return self._optimized_cache
+
+
+def _finding_to_dict(finding: Finding) -> dict[str, Any]:
+    data = dataclasses.asdict(finding)
+    data["kind"] = finding.kind.value
+    data["params"] = list(finding.params)
+    return data
+
+
+def _finding_from_dict(data: dict[str, Any]) -> Finding:
+    return Finding(
+        kind=Kind(data["kind"]),
+        step=int(data["step"]),
+        param=data["param"],
+        value=data["value"],
+        threshold=data["threshold"],
+        params=tuple(data["params"]),
+    )
