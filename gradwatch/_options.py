@@ -20,7 +20,7 @@ class DetectorOptions:
     """Thresholds of the detectors; every field is a keyword argument of ``watch()``."""
 
     no_grad_after: int = 5
-    explode_factor: float = 100.0
+    explode_factor: float = 1000.0
     max_grad_norm: float | None = 1e6
     warmup_steps: int = 5
     history: int = 32

@@ -287,7 +287,7 @@ def test_a_different_model_can_be_watched_at_the_same_time() -> None:
 def test_defaults_are_documented_values() -> None:
     assert DetectorOptions() == DetectorOptions(
         no_grad_after=5,
-        explode_factor=100.0,
+        explode_factor=1000.0,
         max_grad_norm=1e6,
         warmup_steps=5,
         history=32,

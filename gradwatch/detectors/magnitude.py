@@ -36,7 +36,7 @@ class MagnitudeDetector:
         self,
         num_params: int,
         *,
-        explode_factor: float = 100.0,
+        explode_factor: float = 1000.0,
         max_grad_norm: float | None = 1e6,
         warmup_steps: int = 5,
         history: int = 32,
