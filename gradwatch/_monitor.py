@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gradwatch import _options
-from gradwatch._stats import HostCopy, gradient_norms, max_abs
+from gradwatch._stats import HostCopy, NormPlan, max_abs
 from gradwatch._tracker import GradientTracker
 from gradwatch.detectors import (
     AccumulationDetector,
@@ -58,6 +58,8 @@ class _Stepper:
     """Backward passes that gave gradients to at least one of this optimizer's parameters."""
     counted_passes: int = 0
     deferred: bool = False
+    plan: tuple[tuple[int, ...], NormPlan] | None = None
+    """The norm plan of the last check, for the positions that had gradients then."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -281,7 +283,7 @@ class Monitor:
             window_start_pass=stepper.window_start_pass,
         )
         findings = self._run(context, statistics=False)
-        copy = HostCopy(gradient_norms(grads))
+        copy = HostCopy(self._plan(stepper, positions, grads).norms(grads))
         if copy.ready() and not self._pending:
             context.max_abs = lambda where: max_abs([grads[j] for j in where])
             findings += self._process(context, copy)
@@ -289,6 +291,15 @@ class Monitor:
             self._pending.append(_PendingCheck(context, copy))
         self._report(findings)
         self._drain(block=False, raising=True)
+
+    @staticmethod
+    def _plan(stepper: _Stepper, positions: list[int], grads: list[torch.Tensor]) -> NormPlan:
+        key = tuple(positions)
+        if stepper.plan is not None and stepper.plan[0] == key:
+            return stepper.plan[1]
+        plan = NormPlan(grads)
+        stepper.plan = (key, plan)
+        return plan
 
     def _drain(self, *, block: bool, raising: bool) -> None:
         while self._pending and (block or self._pending[0].copy.ready()):
