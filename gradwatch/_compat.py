@@ -43,22 +43,23 @@ def group_by_device_and_dtype(
     return groups
 
 
-class BackwardPassClock:
-    """Tells backward passes apart from inside gradient hooks.
+def backward_pass_id() -> Callable[[], int]:
+    """A function that tells backward passes apart from inside gradient hooks.
 
-    :meth:`current` returns a number that stays the same for every hook of one backward pass and
-    differs between passes. Uses autograd's graph-task id where torch exposes it; otherwise a
-    counter advanced by an end-of-backward callback.
+    It returns a number that stays the same for every hook of one backward pass and differs
+    between passes: autograd's graph-task id where torch exposes it (called directly, no Python
+    frame in between), otherwise a counter advanced by an end-of-backward callback.
     """
+    task_id: Callable[[], int] | None = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id if task_id is not None else _PassCounter().current
 
+
+class _PassCounter:
     def __init__(self) -> None:
-        self._task_id: Callable[[], int] | None = getattr(torch._C, "_current_graph_task_id", None)
         self._passes = 0
         self._armed = False
 
     def current(self) -> int:
-        if self._task_id is not None:
-            return self._task_id()
         if not self._armed:
             self._armed = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)

@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-from gradwatch._compat import BackwardPassClock
+from gradwatch._compat import backward_pass_id
 
 
 class GradientTracker:
@@ -25,7 +25,7 @@ class GradientTracker:
 
     def __init__(self, num_params: int) -> None:
         self._lock = threading.Lock()
-        self._clock = BackwardPassClock()
+        self._current_pass = backward_pass_id()
         self._pass_id: int | None = None
         self._position = 0
         self._sequence = 0
@@ -48,15 +48,16 @@ class GradientTracker:
         """Backward passes seen that reached at least one watched parameter."""
 
     def on_accumulated(self, index: int, grad: torch.Tensor) -> None:
+        # Runs once per parameter per backward pass: kept to plain list and int operations.
+        pass_id = self._current_pass()
+        version = grad._version
         with self._lock:
-            pass_id = self._clock.current()
             if pass_id != self._pass_id:
                 self._pass_id = pass_id
                 self._position = 0
                 self.backward_passes += 1
-            version = grad._version
             last = self._last[index]
-            if last is not None and last[0]() is grad and version == last[1] + 1:
+            if last is not None and version == last[1] + 1 and last[0]() is grad:
                 if last[2]:
                     self.stale[index] = True
                     self.passes_into[index] = 1
