@@ -284,13 +284,13 @@ class Monitor:
         )
         findings = self._run(context, statistics=False)
         copy = HostCopy(self._plan(stepper, positions, grads).norms(grads))
+        self._drain(block=False, raising=True)  # earlier checks still in flight come first
         if copy.ready() and not self._pending:
             context.max_abs = lambda where: max_abs([grads[j] for j in where])
             findings += self._process(context, copy)
         else:
             self._pending.append(_PendingCheck(context, copy))
         self._report(findings)
-        self._drain(block=False, raising=True)
 
     @staticmethod
     def _plan(stepper: _Stepper, positions: list[int], grads: list[torch.Tensor]) -> NormPlan:
@@ -307,7 +307,7 @@ class Monitor:
             self._report(self._process(pending.context, pending.copy), raising=raising)
 
     def _process(self, context: CheckContext, copy: HostCopy) -> list[Finding]:
-        context.norms = copy.wait().clone()
+        context.norms = copy.wait()  # a fresh tensor, which detectors may adjust in place
         findings = self._run(context, statistics=True)
         if self._sinks:
             norms = context.norms
