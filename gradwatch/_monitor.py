@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from gradwatch import _options
-from gradwatch._stats import HostCopy, NormPlan, max_abs
+from gradwatch._histograms import (
+    COLUMNS,
+    DEFAULT_BINS,
+    GradientHistograms,
+    histogram_rows,
+    statistics_dtype,
+)
+from gradwatch._stats import HostCopy, NormPlan, gradient_norms, max_abs
 from gradwatch._tracker import GradientTracker
 from gradwatch.detectors import (
     AccumulationDetector,
@@ -63,9 +70,20 @@ class _Stepper:
 
 
 @dataclasses.dataclass(eq=False)
+class _Extras:
+    """What a check adds to the host copy after the norms: histogram rows, weight norms."""
+
+    histograms: bool
+    learning_rates: list[float] | None
+    """Per checked parameter, when the weight norms are taken (NaN where the lr is unknown)."""
+    bins: int
+
+
+@dataclasses.dataclass(eq=False)
 class _PendingCheck:
     context: CheckContext
     copy: HostCopy
+    extras: _Extras | None = None
 
 
 class Monitor:
@@ -77,6 +95,11 @@ class Monitor:
             these parameters (``follow_all``).
         accumulation_steps, options, on_finding: As validated by ``watch()``.
         sinks: Outputs; the monitor closes them.
+        histogram_every: Optimizer steps between gradient histograms sent to the sinks (at steps
+            that are multiples of it; 0 for none).
+        ratio_every: Optimizer steps between ``lr * |grad| / |weight|`` ratios sent to the
+            sinks (0 for none).
+        histogram_bins: Buckets per histogram.
     """
 
     def __init__(
@@ -88,8 +111,14 @@ class Monitor:
         options: _options.DetectorOptions,
         on_finding: _options.OnFinding,
         sinks: Sequence[Sink] = (),
+        histogram_every: int = 0,
+        ratio_every: int = 0,
+        histogram_bins: int = DEFAULT_BINS,
     ) -> None:
         self.accumulation_steps = accumulation_steps
+        self.histogram_every = histogram_every
+        self.ratio_every = ratio_every
+        self.histogram_bins = histogram_bins
         self.options = options
         self._on_finding = on_finding
         self._table = ParamTable.from_named(named)
@@ -283,13 +312,17 @@ class Monitor:
             window_start_pass=stepper.window_start_pass,
         )
         findings = self._run(context, statistics=False)
-        copy = HostCopy(self._plan(stepper, positions, grads).norms(grads))
+        norms = self._plan(stepper, positions, grads).norms(grads)
+        extras = self._extras_due(stepper, positions)
+        if extras is not None:
+            norms = self._pack(norms, extras, positions, grads)
+        copy = HostCopy(norms)  # the one device-to-host copy of this check
         self._drain(block=False, raising=True)  # earlier checks still in flight come first
         if copy.ready() and not self._pending:
             context.max_abs = lambda where: max_abs([grads[j] for j in where])
-            findings += self._process(context, copy)
+            findings += self._process(context, copy, extras)
         else:
-            self._pending.append(_PendingCheck(context, copy))
+            self._pending.append(_PendingCheck(context, copy, extras))
         self._report(findings)
 
     @staticmethod
@@ -304,10 +337,49 @@ class Monitor:
     def _drain(self, *, block: bool, raising: bool) -> None:
         while self._pending and (block or self._pending[0].copy.ready()):
             pending = self._pending.popleft()
-            self._report(self._process(pending.context, pending.copy), raising=raising)
+            self._report(
+                self._process(pending.context, pending.copy, pending.extras), raising=raising
+            )
 
-    def _process(self, context: CheckContext, copy: HostCopy) -> list[Finding]:
-        context.norms = copy.wait()  # a fresh tensor, which detectors may adjust in place
+    def _extras_due(self, stepper: _Stepper, positions: list[int]) -> _Extras | None:
+        if not self._sinks or not positions:
+            return None
+        step = stepper.steps
+        histograms = bool(self.histogram_every) and step % self.histogram_every == 0
+        ratios = bool(self.ratio_every) and step % self.ratio_every == 0
+        if not (histograms or ratios):
+            return None
+        optimizer = stepper.optimizer()
+        learning_rates = None
+        if ratios and optimizer is not None:
+            learning_rates = _learning_rates(optimizer, [self._table.params[i] for i in positions])
+        return _Extras(histograms, learning_rates, self.histogram_bins)
+
+    def _pack(
+        self,
+        norms: torch.Tensor,
+        extras: _Extras,
+        positions: list[int],
+        grads: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The norms, then the histogram rows, then the weight norms, in one device tensor."""
+        rows = histogram_rows(grads, extras.bins, norms.device) if extras.histograms else None
+        dtype = rows.dtype if rows is not None else statistics_dtype(norms.device)
+        parts = [norms.to(dtype)]
+        if rows is not None:
+            parts.append(rows.reshape(-1))
+        if extras.learning_rates is not None:
+            weights = [self._table.params[i].detach() for i in positions]
+            parts.append(gradient_norms(weights).to(norms.device, dtype, non_blocking=True))
+        return torch.cat(parts)
+
+    def _process(
+        self, context: CheckContext, copy: HostCopy, extras: _Extras | None = None
+    ) -> list[Finding]:
+        host = copy.wait()
+        count = len(context.indices)
+        # A fresh tensor, which detectors may adjust in place.
+        context.norms = host if extras is None else host[:count].float()
         findings = self._run(context, statistics=True)
         if self._sinks:
             norms = context.norms
@@ -315,7 +387,25 @@ class Monitor:
             total = float(finite.double().square().sum().sqrt()) if len(finite) else math.nan
             names = [self._table.names[i] for i in context.indices]
             self._sinks.write_check(context.step, names, norms, total)
+            if extras is not None:
+                self._write_extras(context.step, names, host, extras)
         return findings
+
+    def _write_extras(
+        self, step: int, names: list[str], host: torch.Tensor, extras: _Extras
+    ) -> None:
+        count = len(names)
+        offset = count
+        if extras.histograms:
+            size = count * (extras.bins + COLUMNS)
+            rows = host[offset : offset + size].reshape(count, extras.bins + COLUMNS)
+            offset += size
+            self._sinks.write_histograms(step, names, GradientHistograms(rows))
+        if extras.learning_rates is not None:
+            grad_norms = host[:count].double()
+            weight_norms = host[offset : offset + count].double()
+            lrs = torch.tensor(extras.learning_rates, dtype=torch.float64)
+            self._sinks.write_update_ratios(step, names, lrs * grad_norms / weight_norms)
 
     def _run(self, context: CheckContext, *, statistics: bool) -> list[Finding]:
         findings: list[Finding] = []
@@ -416,6 +506,20 @@ class Monitor:
                 i for s in self._steppers.values() for i in s.positions
             )
         return self._optimized_cache
+
+
+def _learning_rates(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[float]:
+    """The learning rate of each parameter's group; NaN where it is not a host number."""
+    by_param: dict[int, float] = {}
+    for group in optimizer.param_groups:
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            # A tensor lr on an accelerator would need a device read: leave the ratio unknown.
+            lr = float(lr) if lr.device.type == "cpu" and lr.numel() == 1 else None
+        value = float(lr) if isinstance(lr, (int, float)) else math.nan
+        for p in group["params"]:
+            by_param[id(p)] = value
+    return [by_param.get(id(p), math.nan) for p in params]
 
 
 def _finding_to_dict(finding: Finding) -> dict[str, Any]:

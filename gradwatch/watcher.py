@@ -8,6 +8,7 @@ computes the gradients inside ``step()``) and record the gradients each step use
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 import weakref
@@ -29,6 +30,9 @@ from gradwatch.findings import (
 from gradwatch.registry import HookRegistry
 from gradwatch.sinks import Sink
 
+RATIO_EVERY = 10
+"""Optimizer steps between per-parameter norms and update ratios in TensorBoard."""
+
 _open_watchers: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
 _open_watchers_lock = threading.Lock()
 
@@ -49,8 +53,11 @@ def watch(
         model: The module whose trainable parameters to watch.
         optimizer: One optimizer, a list of them, or ``None`` to follow whichever optimizers step
             the model's parameters (through torch's global optimizer step hooks).
-        log_dir: Directory for TensorBoard event files, or ``None`` for none.
-        histogram_every: Optimizer steps between gradient histograms (0 turns them off).
+        log_dir: Directory for TensorBoard event files and the findings log, or ``None`` for
+            none; or a ``torch.utils.tensorboard.SummaryWriter`` of yours, which gradwatch
+            writes to and flushes but never closes (the findings log goes to its directory).
+        histogram_every: Optimizer steps between gradient histograms in TensorBoard, at steps
+            that are multiples of it (0 turns them off).
         accumulation_steps: Backward passes you mean to accumulate per optimizer step.
         on_finding: ``"warn"`` (a :class:`GradWatchWarning`, once per kind and parameter),
             ``"raise"`` (a :class:`GradientError`), ``"record"`` (only kept in
@@ -120,7 +127,10 @@ class Watcher:
         )
         self.histogram_every = _options.check_int_at_least("histogram_every", histogram_every, 0)
         self._on_finding = _options.check_on_finding(on_finding)
-        self.log_dir = _options.check_log_dir(log_dir)
+        writer = log_dir if _is_summary_writer(log_dir) else None
+        self.log_dir = (
+            writer.get_logdir() if writer is not None else _options.check_log_dir(log_dir)
+        )
         self.options = _options.DetectorOptions.from_kwargs(detector_options)
         named = _trainable_parameters(model)
         if not named:
@@ -145,7 +155,8 @@ class Watcher:
                 from gradwatch.sinks.jsonl import FindingsLog
                 from gradwatch.sinks.tensorboard import TensorBoardSink
 
-                sink_list += [TensorBoardSink(self.log_dir), FindingsLog(self.log_dir)]
+                tensorboard = TensorBoardSink(self.log_dir, writer=writer, param_every=RATIO_EVERY)
+                sink_list += [tensorboard, FindingsLog(self.log_dir)]
             self._monitor = Monitor(
                 named,
                 optimizers,
@@ -153,6 +164,8 @@ class Watcher:
                 options=self.options,
                 on_finding=self._on_finding,
                 sinks=sink_list,
+                histogram_every=self.histogram_every,
+                ratio_every=RATIO_EVERY,
             )
             self._registry.add_param_hooks(
                 [p for _, p in named], self._monitor.tracker.on_accumulated
@@ -260,6 +273,12 @@ class Watcher:
             f"Watcher({state}, params={len(self.param_names)}, step={self.step}, "
             f"findings={len(self.findings)})"
         )
+
+
+def _is_summary_writer(value: object) -> bool:
+    """Whether ``value`` is a ``torch.utils.tensorboard.SummaryWriter`` (never imports it)."""
+    module = sys.modules.get("torch.utils.tensorboard.writer")
+    return module is not None and isinstance(value, module.SummaryWriter)
 
 
 def _check_optimizers(optimizer: object) -> list[torch.optim.Optimizer]:

@@ -201,3 +201,314 @@ def test_sink_directly(tmp_path: pathlib.Path) -> None:
         (4, 2.0),
     ]
     assert [e.step for e in accumulator.Tensors("gradwatch/findings")] == [3, 4]
+
+
+# ---------------------------------------------------------------------- histograms and layout
+
+HISTOGRAM_EVERY = 5
+
+
+def _read_all(log_dir: pathlib.Path) -> EventAccumulator:
+    accumulator = EventAccumulator(
+        str(log_dir), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0, "images": 0}
+    )
+    accumulator.Reload()
+    return accumulator
+
+
+HistogramRun = tuple[pathlib.Path, dict[int, list[torch.Tensor]], dict[int, list[float]], float]
+
+
+@pytest.fixture
+def histogram_run(tmp_path: pathlib.Path) -> HistogramRun:
+    """The planted-bug run of ``_train`` with histograms every 5 steps; the gradients and the
+    weight norms before each step are recorded."""
+    model = mlp()
+    lr = 0.01
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    grads: dict[int, list[torch.Tensor]] = {}
+    weight_norms: dict[int, list[float]] = {}
+
+    def record(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        step = len(grads)
+        grads[step] = [p.grad.detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
+        weight_norms[step] = [
+            float(torch.linalg.vector_norm(p.detach().double())) for p in model.parameters()
+        ]
+
+    handle = opt.register_step_pre_hook(record)
+    log_dir = tmp_path / "runs"
+    with gradwatch.watch(
+        model, opt, log_dir=log_dir, histogram_every=HISTOGRAM_EVERY, on_finding="record"
+    ):
+        _train(model, opt)
+    handle.remove()
+    return log_dir, grads, weight_norms, lr
+
+
+def test_histograms_hold_the_finite_gradient_values(histogram_run: HistogramRun) -> None:
+    log_dir, grads, _, _ = histogram_run
+    names = [n for n, _ in mlp().named_parameters()]
+    accumulator = _read_all(log_dir)
+    assert {f"gradwatch/grad/{n}" for n in names} == set(accumulator.Tags()["histograms"])
+    due = list(range(0, STEPS, HISTOGRAM_EVERY))
+    assert NAN_AT in due
+    for j, name in enumerate(names):
+        events = accumulator.Histograms(f"gradwatch/grad/{name}")
+        # No histogram where no value is finite; the NaN count below still says why.
+        finite = {s: grads[s][j][torch.isfinite(grads[s][j])].double() for s in due}
+        assert [e.step for e in events] == [s for s in due if finite[s].numel()]
+        assert len(events) >= len(due) - 1
+        for event in events:
+            values = finite[event.step]
+            value = event.histogram_value
+            assert value.num == values.numel()
+            assert sum(value.bucket) == values.numel()
+            assert value.min == pytest.approx(float(values.min()))
+            assert value.max == pytest.approx(float(values.max()))
+            assert value.sum == pytest.approx(float(values.sum()), rel=1e-4, abs=1e-6)
+            assert value.sum_squares == pytest.approx(float(values.square().sum()), rel=1e-4)
+            limits = list(value.bucket_limit)
+            assert limits == sorted(limits) and len(set(limits)) == len(limits)
+            if value.max > value.min:
+                assert limits[-1] == pytest.approx(value.max)
+            else:  # one value v: buckets over [v - 0.5, v + 0.5], as numpy's
+                assert limits[-1] == pytest.approx(value.max + 0.5)
+        nan_counts = accumulator.Scalars(f"gradwatch/grad_nan/{name}")
+        assert [e.step for e in nan_counts] == due
+        expected = {s: float(grads[s][j].isnan().sum()) for s in due}
+        assert {e.step: e.value for e in nan_counts} == expected
+        assert expected[NAN_AT] > 0 and expected[0] == 0
+        inf_counts = accumulator.Scalars(f"gradwatch/grad_inf/{name}")
+        assert [(e.step, e.value) for e in inf_counts] == [(s, 0.0) for s in due]
+
+
+def test_update_ratio_is_lr_times_grad_norm_over_weight_norm(
+    histogram_run: HistogramRun,
+) -> None:
+    log_dir, grads, weight_norms, lr = histogram_run
+    names = [n for n, _ in mlp().named_parameters()]
+    accumulator = _read_all(log_dir)
+    for j, name in enumerate(names):
+        events = accumulator.Scalars(f"gradwatch/sgd_update_ratio/{name}")
+        assert [e.step for e in events] == [0, 10, 20]
+        for event in events:
+            grad_norm = float(torch.linalg.vector_norm(grads[event.step][j].double()))
+            expected = lr * grad_norm / weight_norms[event.step][j]
+            assert event.value == pytest.approx(expected, rel=1e-5)
+
+
+def test_custom_scalars_layout_groups_by_module(histogram_run: HistogramRun) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    log_dir, *_ = histogram_run
+    accumulator = _read_all(log_dir)
+    (event,) = accumulator.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    categories = {c.title: c for c in layout.category}
+    assert set(categories) == {
+        "gradwatch",
+        "gradwatch: gradient norm by module",
+        "gradwatch: SGD update ratio by module",
+    }
+    by_module = categories["gradwatch: gradient norm by module"]
+    charts = {c.title: list(c.multiline.tag) for c in by_module.chart}
+    assert list(charts) == ["0", "2", "4"]  # nn.Sequential's Linear layers, in depth order
+    assert charts["0"] == [r"^gradwatch/grad_norm/0\.weight$", r"^gradwatch/grad_norm/0\.bias$"]
+    scalars = set(accumulator.Tags()["scalars"])
+    import re
+
+    for category in categories.values():
+        for chart in category.chart:
+            assert any(re.search(t, s) for t in chart.multiline.tag for s in scalars), chart
+
+
+def test_gradient_flow_image(histogram_run: HistogramRun) -> None:
+    pytest.importorskip("matplotlib")
+    log_dir, *_ = histogram_run
+    (image,) = _read_all(log_dir).Images("gradwatch/grad_flow")  # at most one per 100 steps
+    assert image.step == 0
+    assert image.encoded_image_string.startswith(b"\x89PNG")
+    assert image.width > 200 and image.height > 200
+
+
+def _train_plain(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = regression_batch(generator=generator)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(("every", "steps"), [(0, []), (1, list(range(9))), (4, [0, 4, 8])])
+def test_histogram_interval(tmp_path: pathlib.Path, every: int, steps: list[int]) -> None:
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradwatch.watch(model, opt, log_dir=tmp_path, histogram_every=every, on_finding="record"):
+        _train_plain(model, opt, 9)
+    accumulator = _read_all(tmp_path)
+    tags = accumulator.Tags()
+    if not steps:
+        assert tags["histograms"] == [] and tags["images"] == []
+        assert not any(t.startswith("gradwatch/grad_nan/") for t in tags["scalars"])
+        return
+    for name, _ in model.named_parameters():
+        assert [e.step for e in accumulator.Histograms(f"gradwatch/grad/{name}")] == steps
+    # Adam is known too: the ratio uses its lr (Adam's own update is not what it measures).
+    assert [e.step for e in accumulator.Scalars("gradwatch/sgd_update_ratio/0.weight")] == [0]
+
+
+def test_figure_at_most_once_per_figure_every(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("matplotlib")
+    from gradwatch._histograms import GradientHistograms, histogram_rows
+
+    sink = TensorBoardSink(tmp_path, figure_every=100)
+    hist = GradientHistograms(histogram_rows([torch.randn(4, 3), torch.randn(3)], 8))
+    for step in range(0, 260, 30):
+        sink.write_histograms(step, ["layer.weight", "layer.bias"], hist)
+    sink.close()
+    assert [e.step for e in _read_all(tmp_path).Images("gradwatch/grad_flow")] == [0, 120, 240]
+
+
+def test_no_figure_without_matplotlib(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from gradwatch._histograms import GradientHistograms, histogram_rows
+    from gradwatch.sinks.tensorboard import gradient_flow_image
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    hist = GradientHistograms(histogram_rows([torch.randn(4, 3)], 8))
+    assert gradient_flow_image(["w"], hist) is None
+    sink = TensorBoardSink(tmp_path)
+    sink.write_histograms(0, ["w"], hist)
+    sink.close()
+    accumulator = _read_all(tmp_path)
+    assert accumulator.Tags()["images"] == []
+    assert [e.step for e in accumulator.Histograms("gradwatch/grad/w")] == [0]
+
+
+def test_one_host_copy_per_check(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Histogram steps and ratio steps add no device-to-host copy: one per check."""
+    from gradwatch import _monitor
+
+    copies: list[tuple[int, ...]] = []
+
+    class CountingCopy(_monitor.HostCopy):
+        def __init__(self, tensor: torch.Tensor) -> None:
+            copies.append(tuple(tensor.shape))
+            super().__init__(tensor)
+
+    monkeypatch.setattr(_monitor, "HostCopy", CountingCopy)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, log_dir=tmp_path, histogram_every=3, on_finding="record"):
+        _train_plain(model, opt, 12)
+    assert len(copies) == 12
+    params = len(list(model.parameters()))
+    sizes = {s: n[0] for s, n in enumerate(copies)}
+    assert sizes[1] == params  # norms only
+    assert sizes[3] == params * (1 + 8 + 64)  # norms and histogram rows
+    assert sizes[0] == params * (1 + 8 + 64 + 1)  # and weight norms for the ratios
+    assert sizes[10] == params * 2  # norms and weight norms
+
+
+def test_user_writer_is_used_and_left_open(tmp_path: pathlib.Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(
+        model, opt, log_dir=writer, histogram_every=2, on_finding="record"
+    ) as watcher:
+        _train_plain(model, opt, 4)
+    assert watcher.log_dir == str(tmp_path)
+    writer.add_scalar("mine/after", 1.0, 7)  # still open
+    writer.close()
+    accumulator = _read_all(tmp_path)
+    assert [e.step for e in accumulator.Scalars("mine/after")] == [7]
+    assert [e.step for e in accumulator.Histograms("gradwatch/grad/0.weight")] == [0, 2]
+    assert accumulator.Tags()["tensors"] == []  # the user's layout is theirs to write
+    assert (tmp_path / "gradwatch-findings.jsonl").exists()
+
+
+def test_exception_leaving_the_with_block_flushes(tmp_path: pathlib.Path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with (
+        pytest.raises(KeyError),
+        gradwatch.watch(model, opt, log_dir=tmp_path, histogram_every=1, on_finding="record"),
+    ):
+        _train_plain(model, opt, 3)
+        raise KeyError("boom")
+    accumulator = _read_all(tmp_path)
+    assert [e.step for e in accumulator.Histograms("gradwatch/grad/0.weight")] == [0, 1, 2]
+
+
+EXITS_WITHOUT_CLOSING = """
+import sys, torch, gradwatch
+sys.path.insert(0, {root!r})
+from tests.helpers.models import mlp
+model = mlp()
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+watcher = gradwatch.watch(model, opt, log_dir={log_dir!r}, histogram_every=2, on_finding="record")
+for _ in range(5):
+    opt.zero_grad()
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+raise SystemExit(3)  # never closed: only the exit-time flush writes the events
+"""
+
+
+def test_events_are_flushed_at_interpreter_exit(tmp_path: pathlib.Path) -> None:
+    import subprocess
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    script = EXITS_WITHOUT_CLOSING.format(root=root, log_dir=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    accumulator = _read_all(tmp_path)
+    assert [e.step for e in accumulator.Scalars("gradwatch/grad_norm/total")] == list(range(5))
+    assert [e.step for e in accumulator.Histograms("gradwatch/grad/0.weight")] == [0, 2, 4]
+
+
+def test_a_truncated_event_file_stays_readable(tmp_path: pathlib.Path) -> None:
+    """A crash mid-write leaves a partial last record; every complete one still reads back."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, log_dir=tmp_path, histogram_every=1, on_finding="record"):
+        _train_plain(model, opt, 6)
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    data = events.read_bytes()
+    events.write_bytes(data[: len(data) - 40])
+    steps = [e.step for e in _read_all(tmp_path).Scalars("gradwatch/grad_norm/total")]
+    assert steps == list(range(len(steps))) and len(steps) >= 5
+
+
+def test_exit_handler_flushes_open_sinks_without_keeping_them_alive(
+    tmp_path: pathlib.Path,
+) -> None:
+    import gc
+    import weakref
+
+    from gradwatch.sinks import tensorboard
+
+    sink = TensorBoardSink(tmp_path / "open")
+    sink.write_check(0, ["w"], torch.tensor([2.0]), 2.0)
+    tensorboard._flush_at_exit()  # what the interpreter runs at exit
+    assert [e.step for e in _read_all(tmp_path / "open").Scalars("gradwatch/grad_norm/total")] == [
+        0
+    ]
+    sink.close()
+    assert sink not in tensorboard._open_sinks
+    dropped = TensorBoardSink(tmp_path / "dropped")
+    alive = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert alive() is None

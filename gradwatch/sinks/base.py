@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from gradwatch._histograms import GradientHistograms
 from gradwatch.findings import Finding
 
 
@@ -20,6 +21,20 @@ class Sink(Protocol):
         """Statistics of one check: ``norms[j]`` is the gradient norm of ``names[j]``."""
 
     def write_finding(self, finding: Finding) -> None: ...
+
+    def write_histograms(
+        self, step: int, names: Sequence[str], histograms: GradientHistograms
+    ) -> None:
+        """Histograms of the gradients at a histogram step; row ``j`` is ``names[j]``'s.
+
+        Optional: sinks without this method are not sent histograms.
+        """
+
+    def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
+        """``lr * |grad| / |weight|`` of each parameter, before the step (NaN where unknown).
+
+        Optional: sinks without this method are not sent ratios.
+        """
 
     def flush(self) -> None: ...
 
@@ -44,6 +59,18 @@ class GuardedSinks:
     def write_finding(self, finding: Finding) -> None:
         for sink in list(self._sinks):
             self._call(sink, "write_finding", finding)
+
+    def write_histograms(
+        self, step: int, names: Sequence[str], histograms: GradientHistograms
+    ) -> None:
+        for sink in list(self._sinks):
+            if hasattr(sink, "write_histograms"):
+                self._call(sink, "write_histograms", step, names, histograms)
+
+    def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
+        for sink in list(self._sinks):
+            if hasattr(sink, "write_update_ratios"):
+                self._call(sink, "write_update_ratios", step, names, ratios)
 
     def flush(self) -> None:
         for sink in list(self._sinks):

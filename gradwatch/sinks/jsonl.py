@@ -55,6 +55,12 @@ class FindingsLog:
     ) -> None:
         pass
 
+    def write_histograms(self, step: int, names: Sequence[str], histograms: object) -> None:
+        pass
+
+    def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
+        pass
+
     def write_finding(self, finding: Finding) -> None:
         line = json.dumps(finding_record(finding, rank=self._rank), allow_nan=False)
         with self._lock:

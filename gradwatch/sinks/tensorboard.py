@@ -1,44 +1,132 @@
-"""TensorBoard output: gradient norms and findings as standard event files."""
+"""TensorBoard output: gradient norms, histograms, findings and layout as standard event files."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
+import os
+import re
+import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradwatch._histograms import GradientHistograms
 from gradwatch.findings import Finding
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
+FLUSH_SECS = 10
+"""Seconds between flushes of a writer gradwatch owns: a crash loses at most this much."""
+
+_open_sinks: weakref.WeakSet[TensorBoardSink] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for sink in list(_open_sinks):
+        with contextlib.suppress(Exception):  # the interpreter is exiting: nobody to tell
+            sink.flush()
+
 
 class TensorBoardSink:
-    """Writes under ``log_dir`` (tensorboard must be installed).
+    """Writes under ``log_dir``, or to ``writer``, a ``SummaryWriter`` of yours.
 
-    Tags: ``gradwatch/grad_norm/total`` every check, ``gradwatch/grad_norm/<param>`` every
-    ``param_every`` steps, ``gradwatch/findings/<kind>`` (count so far) and a text entry
-    ``gradwatch/findings`` for every finding, at the step it was found.
+    Tags (see the README's TensorBoard section): ``gradwatch/grad_norm/total`` every check;
+    ``gradwatch/grad_norm/<param>`` every ``param_every`` steps; histograms
+    ``gradwatch/grad/<param>`` with scalars ``gradwatch/grad_nan/<param>`` and
+    ``gradwatch/grad_inf/<param>`` and the image ``gradwatch/grad_flow`` (at most one every
+    ``figure_every`` steps, when matplotlib is installed) whenever the monitor sends histograms;
+    ``gradwatch/sgd_update_ratio/<param>`` whenever it sends ratios; ``gradwatch/findings/<kind>``
+    (count so far) and a text entry ``gradwatch/findings`` for every finding, at the step it was
+    found; a custom-scalars layout grouping the per-parameter scalars by module.
+
+    When ``writer`` is given, ``log_dir`` is ignored; that writer is flushed but never closed,
+    and its custom-scalars layout is left alone (see :func:`custom_scalars_layout`). A writer
+    created here is flushed every ``FLUSH_SECS`` seconds and closed by :meth:`close`. Either is
+    flushed at interpreter exit.
     """
 
-    def __init__(self, log_dir: str, *, param_every: int = 10) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str] | None = None,
+        *,
+        writer: SummaryWriter | None = None,
+        param_every: int = 10,
+        figure_every: int = 100,
+    ) -> None:
+        if writer is None:
+            if log_dir is None:
+                raise TypeError("TensorBoardSink needs a log_dir or a writer")
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = log_dir
-        self._writer: SummaryWriter = SummaryWriter(log_dir=log_dir)
+            writer = SummaryWriter(log_dir=os.fspath(log_dir), flush_secs=FLUSH_SECS)
+            self._owns_writer = True
+        else:
+            self._owns_writer = False
+        self._writer: SummaryWriter = writer
+        self.log_dir: str = writer.get_logdir()  # type: ignore[no-untyped-call]
         self._param_every = param_every
+        self._figure_every = figure_every
+        self._last_figure: int | None = None
         self._counts: dict[str, int] = {}
+        self._layout_names: dict[str, None] = {}
+        self._closed = False
+        _open_sinks.add(self)
 
     def write_check(
         self, step: int, names: Sequence[str], norms: torch.Tensor, total_norm: float
     ) -> None:
         writer = self._writer
+        if self._owns_writer and not self._layout_names.keys() >= set(names):
+            self._layout_names.update(dict.fromkeys(names))
+            writer.add_custom_scalars(custom_scalars_layout(list(self._layout_names)))
         if math.isfinite(total_norm):
             writer.add_scalar("gradwatch/grad_norm/total", total_norm, step)
         if self._param_every and step % self._param_every == 0:
             for name, norm in zip(names, norms.tolist(), strict=True):
                 writer.add_scalar(f"gradwatch/grad_norm/{name}", norm, step)
+
+    def write_histograms(
+        self, step: int, names: Sequence[str], histograms: GradientHistograms
+    ) -> None:
+        writer = self._writer
+        finite = histograms.finite.tolist()
+        nans = histograms.nan.tolist()
+        infs = histograms.inf.tolist()
+        lows = histograms.min.tolist()
+        highs = histograms.max.tolist()
+        sums = histograms.sum.tolist()
+        squares = histograms.sum_squares.tolist()
+        for j, name in enumerate(names):
+            writer.add_scalar(f"gradwatch/grad_nan/{name}", nans[j], step)
+            writer.add_scalar(f"gradwatch/grad_inf/{name}", infs[j], step)
+            if finite[j] <= 0:
+                continue  # no finite value: nothing to draw, the counts above say why
+            writer.add_histogram_raw(
+                f"gradwatch/grad/{name}",
+                min=lows[j],
+                max=highs[j],
+                num=int(finite[j]),
+                sum=sums[j],
+                sum_squares=squares[j],
+                bucket_limits=histograms.edges(j)[1:].tolist(),
+                bucket_counts=histograms.counts[j].tolist(),
+                global_step=step,
+            )
+        if self._last_figure is None or step >= self._last_figure + self._figure_every:
+            image = gradient_flow_image(names, histograms)
+            if image is not None:
+                writer.add_image("gradwatch/grad_flow", image, step, dataformats="HWC")
+                self._last_figure = step
+
+    def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
+        for name, ratio in zip(names, ratios.tolist(), strict=True):
+            if math.isfinite(ratio):
+                self._writer.add_scalar(f"gradwatch/sgd_update_ratio/{name}", ratio, step)
 
     def write_finding(self, finding: Finding) -> None:
         kind = finding.kind.value
@@ -57,7 +145,99 @@ class TensorBoardSink:
         self._writer._get_file_writer().add_summary(summary, step)  # type: ignore[no-untyped-call]
 
     def flush(self) -> None:
-        self._writer.flush()
+        if not self._closed:
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._closed:
+            return
+        self._closed = True
+        _open_sinks.discard(self)
+        if self._owns_writer:
+            self._writer.close()
+        else:
+            self._writer.flush()
+
+
+def module_of(name: str) -> str:
+    """The module a parameter belongs to: its qualified name without the last part."""
+    return name.rpartition(".")[0] or "(model)"
+
+
+def custom_scalars_layout(names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout gradwatch writes: per-parameter scalars grouped by module.
+
+    For a ``SummaryWriter`` of your own, merge it into your layout and pass it to
+    ``writer.add_custom_scalars``.
+    """
+    modules: dict[str, list[str]] = {}
+    for name in names:
+        modules.setdefault(module_of(name), []).append(name)
+
+    def charts(prefix: str) -> dict[str, list[Any]]:
+        return {
+            module: ["Multiline", [f"^{re.escape(f'{prefix}/{n}')}$" for n in members]]
+            for module, members in modules.items()
+        }
+
+    return {
+        "gradwatch": {
+            "total gradient norm": ["Multiline", ["^gradwatch/grad_norm/total$"]],
+            "findings so far, by kind": ["Multiline", ["^gradwatch/findings/"]],
+            "non-finite gradient values": ["Multiline", ["^gradwatch/grad_(nan|inf)/"]],
+        },
+        "gradwatch: gradient norm by module": charts("gradwatch/grad_norm"),
+        "gradwatch: SGD update ratio by module": charts("gradwatch/sgd_update_ratio"),
+    }
+
+
+def gradient_flow_image(names: Sequence[str], histograms: GradientHistograms) -> Any:
+    """Mean and largest finite |grad| of each module, in the parameters' order, on a log scale:
+    an ``(H, W, 3)`` uint8 array, or ``None`` without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import numpy as np
+
+    modules: dict[str, list[int]] = {}
+    for j, name in enumerate(names):
+        modules.setdefault(module_of(name), []).append(j)
+    labels = list(modules)
+    sum_abs, finite = histograms.sum_abs.numpy(), histograms.finite.numpy()
+    nonfinite = (histograms.nan + histograms.inf).numpy()
+    largest_abs = histograms.max_abs.numpy()
+    means, maxima, bad = [], [], []
+    for members in modules.values():
+        count = finite[members].sum()
+        means.append(sum_abs[members].sum() / count if count > 0 else np.nan)
+        valid = largest_abs[members][~np.isnan(largest_abs[members])]
+        maxima.append(valid.max() if len(valid) else np.nan)
+        bad.append(nonfinite[members].sum() > 0)
+
+    width = min(4.0 + 0.3 * len(labels), 24.0)
+    figure = Figure(figsize=(width, 4.5), dpi=80, layout="constrained")
+    axes = figure.add_subplot()
+    x = np.arange(len(labels))
+    axes.bar(x, maxima, color="#9ecae1", label="max |grad|")
+    axes.bar(x, means, width=0.5, color="#08519c", label="mean |grad|")
+    positive = [v for v in (*means, *maxima) if np.isfinite(v) and v > 0]
+    if positive:
+        axes.set_yscale("log")
+        axes.set_ylim(min(positive) / 2, max(positive) * 2)
+    for position in np.flatnonzero(bad):
+        axes.axvline(float(position), color="#cb181d", linestyle="--", linewidth=1)
+    if any(bad):
+        axes.plot([], [], color="#cb181d", linestyle="--", label="NaN/Inf present")
+    axes.set_xticks(x, labels, rotation=90, fontsize=7)
+    axes.set_xlim(-0.6, len(labels) - 0.4)
+    axes.set_xlabel("module, in depth order (input first)")
+    axes.set_ylabel("|gradient|")
+    axes.set_title("gradient flow")
+    axes.legend(loc="upper right", fontsize=8)
+    axes.grid(axis="y", which="major", alpha=0.3)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # type: ignore[no-untyped-call]
+    pixels = np.asarray(canvas.buffer_rgba())  # type: ignore[no-untyped-call]
+    return pixels[:, :, :3].copy()
