@@ -418,7 +418,7 @@ class Monitor:
         new: list[Finding] = []
         with self._lock:
             for finding in findings:
-                if finding.kind in self.options.ignore:
+                if finding.kind in self.options.ignore or self._is_tolerated(finding):
                     continue
                 key = (finding.kind, finding.param)
                 self._occurrences[key] += 1
@@ -506,6 +506,60 @@ class Monitor:
                 i for s in self._steppers.values() for i in s.positions
             )
         return self._optimized_cache
+
+    # ------------------------------------------------------------------ front ends driving checks
+    # For a front end that decides itself when a check happens (the Lightning callback checks
+    # from Lightning's hooks instead of optimizer step pre-hooks). Additive: ``watch()`` does not
+    # use these.
+
+    _tolerated: tuple[tuple[int, frozenset[Kind]], ...] = ()
+    """(step, kinds) of recent checks at which those kinds are expected, not findings."""
+
+    def check(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        step: int | None = None,
+        tolerate: Sequence[Kind] = (),
+    ) -> None:
+        """Check ``optimizer``'s gradients now, as :meth:`before_step` does before a step.
+
+        Args:
+            optimizer: A watched optimizer (or any, when following all); others are ignored.
+            step: The step that labels this check's findings and statistics (default: the
+                optimizer's own count of steps).
+            tolerate: Kinds expected at this check, not reported (and not counted) for it: the
+                non-finite gradients of a step that a ``GradScaler`` is about to skip.
+
+        Pair each check with :meth:`stepped` once the optimizer has really stepped.
+        """
+        stepper = self._stepper_for(optimizer)
+        if stepper is None:
+            return
+        label = stepper.steps if step is None else step
+        kept = tuple((s, kinds) for s, kinds in self._tolerated if s != label)
+        if tolerate:
+            kept = (*kept, (label, frozenset(tolerate)))
+        self._tolerated = kept[-64:]  # checks still in flight are at most a few steps old
+        own_steps = stepper.steps
+        stepper.steps = label
+        try:
+            self._check(stepper)
+        finally:
+            stepper.steps = own_steps
+
+    def stepped(self, optimizer: torch.optim.Optimizer) -> None:
+        """Record that ``optimizer`` stepped with the gradients it holds now (after a check)."""
+        self.after_step(optimizer, (), {})
+
+    def drain(self) -> None:
+        """Report every check still in flight now; ``on_finding="raise"`` does not raise here."""
+        self._drain(block=True, raising=False)
+
+    def _is_tolerated(self, finding: Finding) -> bool:
+        return any(
+            step == finding.step and finding.kind in kinds for step, kinds in self._tolerated
+        )
 
 
 def _learning_rates(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[float]:

@@ -1,0 +1,627 @@
+"""GradWatchCallback inside real ``Trainer.fit`` runs on CPU: tiny models, synthetic data, a few
+steps each; both Lightning namespaces where the namespace matters."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from gradwatch import GradientError, GradWatchError, GradWatchWarning, Kind
+from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME
+from tests.helpers.models import GAN, EncoderDecoder
+
+lightning_callback = pytest.importorskip("gradwatch.lightning")
+GradWatchCallback = lightning_callback.GradWatchCallback
+
+NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
+HELPERS = pathlib.Path(__file__).resolve().parent / "helpers"
+
+
+@pytest.fixture(params=NAMESPACES)
+def pl(request: pytest.FixtureRequest) -> ModuleType:
+    """Each Lightning namespace in turn."""
+    return pytest.importorskip(request.param)
+
+
+@pytest.fixture
+def lpl() -> ModuleType:
+    """``lightning.pytorch``, for the tests where the namespace does not matter."""
+    return pytest.importorskip("lightning.pytorch")
+
+
+def loader(batches: int = 32, batch_size: int = 16) -> torch.utils.data.DataLoader[Any]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batches * batch_size, 8, generator=generator)
+    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
+    return torch.utils.data.DataLoader(data, batch_size=batch_size)
+
+
+@functools.cache
+def modules(pl: ModuleType) -> SimpleNamespace:
+    """The LightningModules of the tests, built on ``pl``'s LightningModule."""
+
+    class Regressor(pl.LightningModule):  # type: ignore[misc,name-defined]
+        """Automatic optimization of an encoder-decoder; bugs planted by the arguments."""
+
+        def __init__(
+            self,
+            *,
+            lr: float = 0.05,
+            nan_at: int | None = None,
+            lr_factor_at: tuple[int, float] | None = None,
+            detach: bool = False,
+        ) -> None:
+            super().__init__()
+            self.model = EncoderDecoder(detach=detach)
+            self.lr = lr
+            self.nan_at = nan_at
+            self.lr_factor_at = lr_factor_at
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self.model(x).float(), y)
+            if self.nan_at is not None and self.global_step >= self.nan_at:
+                loss = loss * torch.log(torch.zeros(()))  # -inf * 0 somewhere: NaN
+            self.log("train_loss", loss)
+            return loss
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            if self.lr_factor_at is not None and self.global_step == self.lr_factor_at[0]:
+                for group in self.trainer.optimizers[0].param_groups:
+                    group["lr"] *= self.lr_factor_at[1]
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    class Manual(pl.LightningModule):  # type: ignore[misc,name-defined]
+        """Manual optimization; ``forget_zero_grad_from`` stops calling ``opt.zero_grad()``."""
+
+        def __init__(self, forget_zero_grad_from: int | None = None) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.model = EncoderDecoder()
+            self.forget_from = forget_zero_grad_from
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            opt = self.optimizers()
+            x, y = batch
+            if self.forget_from is None or self.global_step < self.forget_from:
+                opt.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(self.model(x), y))
+            opt.step()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    class TinyGAN(pl.LightningModule):  # type: ignore[misc,name-defined]
+        """Two optimizers, manual optimization, toggled as Lightning's GAN example does."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.gan = GAN()
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            opt_g, opt_d = self.optimizers()
+            real = batch[0][:, :2]
+            bce = nn.functional.binary_cross_entropy_with_logits
+            ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+
+            self.toggle_optimizer(opt_d)
+            fake = self.gan.generator(torch.randn(len(real), 4)).detach()
+            d = self.gan.discriminator
+            loss_d = bce(d(real), ones) + bce(d(fake), zeros)
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            opt_d.step()
+            self.untoggle_optimizer(opt_d)
+
+            self.toggle_optimizer(opt_g)
+            loss_g = bce(d(self.gan.generator(torch.randn(len(real), 4))), ones)
+            opt_g.zero_grad()
+            self.manual_backward(loss_g)
+            opt_g.step()
+            self.untoggle_optimizer(opt_g)
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            return [
+                torch.optim.Adam(self.gan.generator.parameters(), lr=1e-3),
+                torch.optim.Adam(self.gan.discriminator.parameters(), lr=1e-3),
+            ]
+
+    class Frozen(pl.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(8, 1).requires_grad_(False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    return SimpleNamespace(Regressor=Regressor, Manual=Manual, TinyGAN=TinyGAN, Frozen=Frozen)
+
+
+def fit(
+    pl: ModuleType,
+    module: Any,
+    callbacks: Any,
+    tmp_path: pathlib.Path,
+    *,
+    steps: int = 12,
+    ckpt_path: str | None = None,
+    **trainer_options: Any,
+) -> Any:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        "log_every_n_steps": 1,
+        **trainer_options,
+    }
+    trainer = pl.Trainer(callbacks=callbacks, **options)
+    trainer.fit(module, loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def kinds(callback: Any) -> list[str]:
+    return [f.kind.value for f in callback.findings]
+
+
+def record(**options: Any) -> Any:
+    return GradWatchCallback(on_finding="record", log_dir=False, **options)
+
+
+def read_events(log_dir: pathlib.Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def hooks_left(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
+    count = sum(len(p._post_accumulate_grad_hooks or {}) for p in module.parameters())
+    return count + sum(len(o._optimizer_step_post_hooks) for o in optimizers)
+
+
+# ---------------------------------------------------------------------- healthy runs: silent
+
+
+def test_healthy_automatic(pl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    module = modules(pl).Regressor()
+    trainer = fit(pl, module, [callback], tmp_path)
+    assert callback.findings == []
+    assert callback.step == trainer.global_step == 12
+    assert hooks_left(module, trainer.optimizers) == 0
+    assert "no gradient problems found in 12 optimizer steps" in callback.summary()
+
+
+def test_declared_accumulation_is_read_from_the_trainer(
+    lpl: ModuleType, tmp_path: pathlib.Path
+) -> None:
+    callback = record()
+    fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, accumulate_grad_batches=4, steps=4)
+    assert callback.findings == []
+    assert callback.step == 4
+    # The same run declaring one pass per step: the four passes are reported.
+    strict = record(accumulation_steps=1)
+    fit(lpl, modules(lpl).Regressor(), [strict], tmp_path, accumulate_grad_batches=4, steps=4)
+    assert kinds(strict) == ["unexpected_accumulation"]
+    assert strict.findings[0].step == 0
+
+
+def test_gradient_clipping_is_not_a_finding(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    fit(lpl, modules(lpl).Regressor(lr=0.1), [callback], tmp_path, gradient_clip_val=0.05)
+    assert callback.findings == []
+
+
+def test_checked_gradient_is_unclipped(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    # max_grad_norm below the healthy gradient norm but above the clip value: had the check
+    # looked at the clipped gradient, nothing would be reported.
+    callback = record(max_grad_norm=0.01)
+    fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, gradient_clip_val=1e-3, steps=3)
+    assert set(kinds(callback)) == {"exploding"}
+    assert callback.findings[0].step == 0
+
+
+def test_bf16_mixed(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, precision="bf16-mixed")
+    assert callback.findings == []
+    assert callback.step == 12
+
+
+def _fp16_plugin(lpl: ModuleType, init_scale: float) -> Any:
+    # Trainer(precision="16-mixed") falls back to bf16 on CPU; the plugin with a CPU GradScaler
+    # runs the same code path as 16-mixed on a GPU: scale, unscale_, maybe skip the step.
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return MixedPrecision("16-mixed", "cpu", scaler=scaler)
+
+
+def test_16_mixed_overflows_that_the_scaler_skips_are_not_findings(
+    lpl: ModuleType, tmp_path: pathlib.Path
+) -> None:
+    callback = record()
+    plugin = _fp16_plugin(lpl, init_scale=2.0**24)  # overflows until the scale has backed off
+    trainer = fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, plugins=[plugin], steps=16)
+    assert callback.findings == []
+    # Skipped steps are not optimizer steps, and some steps were skipped and some not.
+    assert 0 < callback.step < trainer.global_step
+
+
+def test_16_mixed_nan_loss_is_reported_although_every_step_is_skipped(
+    lpl: ModuleType, tmp_path: pathlib.Path
+) -> None:
+    callback = record()
+    plugin = _fp16_plugin(lpl, init_scale=4.0)
+    module = modules(lpl).Regressor(nan_at=0)
+    fit(lpl, module, [callback], tmp_path, plugins=[plugin], steps=6)
+    assert callback.step == 0  # GradScaler skipped every step
+    # Tolerated while the scale (4, 2) is above 1; at scale 1 the loss itself is broken.
+    assert kinds(callback) == ["nan"]
+    assert callback.findings[0].step == 2
+
+
+def test_manual_optimization(pl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    trainer = fit(pl, modules(pl).Manual(), [callback], tmp_path)
+    assert callback.findings == []
+    assert callback.step == trainer.global_step == 12
+
+
+def test_two_optimizers(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    module = modules(lpl).TinyGAN()
+    trainer = fit(lpl, module, [callback], tmp_path, steps=24)
+    assert callback.findings == []
+    assert callback.step == 12  # each optimizer stepped 12 times
+    assert hooks_left(module, trainer.optimizers) == 0
+
+
+# ---------------------------------------------------------------------- planted bugs
+
+
+def test_nan_loss(pl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    fit(pl, modules(pl).Regressor(nan_at=5), [callback], tmp_path)
+    assert kinds(callback)[0] == "nan"
+    nan = callback.findings[0]
+    assert nan.step == 5
+    assert nan.param == "model.decoder.2.bias"  # nearest to the loss
+
+
+def test_learning_rate_raised_a_thousandfold(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    module = modules(lpl).Regressor(lr=0.01, lr_factor_at=(8, 1000.0))
+    fit(lpl, module, [callback], tmp_path, steps=20)
+    assert "exploding" in kinds(callback)
+    assert callback.findings[0].step > 8
+
+
+def test_manual_forgotten_zero_grad(pl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    fit(pl, modules(pl).Manual(forget_zero_grad_from=3), [callback], tmp_path, steps=6)
+    assert kinds(callback)[0] == "missing_zero_grad"
+    assert callback.findings[0].step == 3
+
+
+def test_detached_submodule(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    fit(lpl, modules(lpl).Regressor(detach=True), [callback], tmp_path, steps=8)
+    assert kinds(callback) == ["no_grad"]
+    assert set(callback.findings[0].params) == {"model.encoder.0.weight", "model.encoder.0.bias"}
+
+
+# ---------------------------------------------------------------------- policies and outputs
+
+
+def test_raise_stops_fit_naming_parameter_and_step(pl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = GradWatchCallback(on_finding="raise", log_dir=False)
+    module = modules(pl).Regressor(nan_at=3)
+    trainer = pl.Trainer(
+        max_steps=12,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    weights = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(GradientError, match=r"\[nan\] step 3: .*'model\.decoder\.2\.bias'"):
+        trainer.fit(module, loader())
+    assert trainer.global_step == 3
+    # Raised before the optimizer step: the weights never saw the NaN.
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(p, w) for p, w in zip(module.parameters(), weights, strict=True))
+    assert hooks_left(module, trainer.optimizers) == 0  # removed by on_exception
+
+
+def test_warn_is_a_warning(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = GradWatchCallback(log_dir=False)
+    with pytest.warns(GradWatchWarning, match=r"\[missing_zero_grad\] step 2"):
+        fit(lpl, modules(lpl).Manual(forget_zero_grad_from=2), [callback], tmp_path, steps=4)
+    assert kinds(callback) == ["missing_zero_grad"]
+
+
+def test_callable_policy_and_lightning_log(
+    lpl: ModuleType, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[Any] = []
+    callback = GradWatchCallback(on_finding=seen.append, log_dir=False)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        fit(lpl, modules(lpl).Regressor(nan_at=2), [callback], tmp_path, steps=4)
+    assert seen == callback.findings
+    assert [f.kind for f in seen] == [Kind.NAN]
+    assert any("gradwatch: [nan] step 2" in r.getMessage() for r in caplog.records)
+
+
+def test_tensorboard_logger_run_is_shared(pl: ModuleType, tmp_path: pathlib.Path) -> None:
+    tb_logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
+    callback = GradWatchCallback(on_finding="record")
+    fit(pl, modules(pl).Regressor(nan_at=6), [callback], tmp_path, logger=tb_logger, steps=8)
+    run = pathlib.Path(tb_logger.log_dir)
+    assert callback.output_dir == str(run)
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer: the logger's
+    tags = read_events(run).Tags()
+    assert "train_loss" in tags["scalars"]  # Lightning's own metric, same file
+    assert "gradwatch/grad_norm/total" in tags["scalars"]
+    assert "gradwatch/findings/nan" in tags["scalars"]
+    records = [json.loads(line) for line in (run / FINDINGS_LOG_NAME).read_text().splitlines()]
+    assert [(r["kind"], r["step"], r["rank"]) for r in records] == [("nan", 6, 0)]
+    # The logger's writer was flushed, not closed: Lightning can still write through it.
+    tb_logger.experiment.add_scalar("after", 1.0, 0)
+    tb_logger.experiment.flush()
+    assert "after" in read_events(run).Tags()["scalars"]
+
+
+def test_without_tensorboard_logger_writes_its_own_directory(
+    lpl: ModuleType, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    csv = lpl.loggers.CSVLogger(str(tmp_path), name="csv")
+    callback = GradWatchCallback(on_finding="record")
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, logger=csv, steps=4)
+    expected = pathlib.Path(csv.log_dir) / "gradwatch"
+    assert callback.output_dir == str(expected)
+    assert "gradwatch/grad_norm/total" in read_events(expected).Tags()["scalars"]
+    said = [r.getMessage() for r in caplog.records if str(expected) in r.getMessage()]
+    assert len(said) == 1
+
+
+def test_no_logger_writes_under_default_root_dir(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = GradWatchCallback(on_finding="record")
+    fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, steps=4)
+    assert callback.output_dir == str(tmp_path / "gradwatch")
+    assert "gradwatch/grad_norm/total" in read_events(tmp_path / "gradwatch").Tags()["scalars"]
+
+
+def test_explicit_log_dir(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = GradWatchCallback(on_finding="record", log_dir=tmp_path / "mine")
+    tb_logger = lpl.loggers.TensorBoardLogger(str(tmp_path), name="run")
+    fit(lpl, modules(lpl).Regressor(nan_at=1), [callback], tmp_path, logger=tb_logger, steps=3)
+    assert callback.output_dir == str(tmp_path / "mine")
+    assert (tmp_path / "mine" / FINDINGS_LOG_NAME).exists()
+    assert not (pathlib.Path(tb_logger.log_dir) / FINDINGS_LOG_NAME).exists()
+
+
+def test_summary_writer_of_yours(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "yours"))
+    callback = GradWatchCallback(on_finding="record", log_dir=writer, histogram_every=2)
+    fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, steps=4)
+    writer.add_scalar("still_open", 1.0, 0)  # flushed, not closed
+    writer.close()
+    events = read_events(tmp_path / "yours").Tags()
+    assert {"gradwatch/grad_norm/total", "still_open"} <= set(events["scalars"])
+    assert "gradwatch/grad/model.encoder.0.weight" in events["histograms"]
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_resume_keeps_steps_and_history(pl: ModuleType, tmp_path: pathlib.Path) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+    saver = pl.callbacks.ModelCheckpoint(
+        dirpath=str(ckpt_dir), every_n_train_steps=6, save_top_k=-1
+    )
+    first = record()
+    fit(pl, modules(pl).Regressor(detach=True), [first, saver], tmp_path, steps=6,
+        enable_checkpointing=True)  # fmt: skip
+    assert kinds(first) == ["no_grad"]
+    (path,) = ckpt_dir.glob("*.ckpt")
+    saved = torch.load(path, weights_only=False)["callbacks"]
+    assert saved[first.state_key]["monitor"]["steps"] == {0: 6}
+
+    resumed = record()
+    fit(pl, modules(pl).Regressor(detach=True), [resumed], tmp_path, steps=12,
+        ckpt_path=str(path))  # fmt: skip
+    assert resumed.step == 12  # 6 before the checkpoint, 6 after
+    # The finding made before the checkpoint is kept, with its step, and not made again.
+    assert resumed.findings == first.findings
+    assert resumed.occurrences[(Kind.NO_GRAD, first.findings[0].param)] == 1
+
+
+def test_two_callbacks_with_different_settings_share_a_checkpoint(
+    lpl: ModuleType, tmp_path: pathlib.Path
+) -> None:
+    loose, tight = record(), record(max_grad_norm=0.01)
+    assert loose.state_key != tight.state_key
+    assert record().state_key == loose.state_key
+    trainer = fit(lpl, modules(lpl).Regressor(), [loose, tight], tmp_path, steps=4)
+    trainer.save_checkpoint(tmp_path / "both.ckpt")
+    saved = torch.load(tmp_path / "both.ckpt", weights_only=False)["callbacks"]
+    assert {loose.state_key, tight.state_key} <= set(saved)
+    assert kinds(loose) == [] and set(kinds(tight)) == {"exploding"}
+
+    again = [record(), record(max_grad_norm=0.01)]
+    fit(lpl, modules(lpl).Regressor(), again, tmp_path, steps=6,
+        ckpt_path=str(tmp_path / "both.ckpt"))  # fmt: skip
+    assert [c.step for c in again] == [6, 6]
+    assert kinds(again[0]) == [] and set(kinds(again[1])) == {"exploding"}
+    assert again[1].findings[: len(tight.findings)] == tight.findings
+
+
+def test_state_from_another_model_is_refused(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    first = record()
+    fit(lpl, modules(lpl).Regressor(), [first], tmp_path, steps=2)
+    other = record()
+    other.load_state_dict(first.state_dict())
+    with pytest.raises(GradWatchError, match="different parameters"):
+        fit(lpl, modules(lpl).TinyGAN(), [other], tmp_path, steps=2)
+    with pytest.raises(GradWatchError, match="version 1"):
+        other.load_state_dict({"version": 7})
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"explode_factr": 10.0}, TypeError, r"GradWatchCallback\(\) got unknown option"),
+        ({"on_finding": "ignore"}, ValueError, "on_finding must be one of"),
+        ({"histogram_every": -1}, ValueError, "histogram_every must be an int >= 0"),
+        ({"accumulation_steps": 0}, ValueError, "accumulation_steps must be an int >= 1"),
+        ({"accumulation_steps": 2.0}, TypeError, "accumulation_steps must be an int"),
+        ({"log_dir": 3}, TypeError, "log_dir must be None"),
+        ({"warmup_steps": 8, "history": 4}, ValueError, "history must be an int >= warmup"),
+    ],
+)
+def test_bad_arguments(options: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match) as raised:
+        GradWatchCallback(**options)
+    assert isinstance(raised.value, GradWatchError)
+
+
+def test_log_dir_that_is_a_file(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="existing file"):
+        GradWatchCallback(log_dir=tmp_path / "file")
+
+
+def test_module_without_trainable_parameters(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    with pytest.raises(GradWatchError, match="Frozen has no trainable parameters"):
+        fit(lpl, modules(lpl).Frozen(), [record()], tmp_path, steps=1)
+
+
+def test_no_optimizer_over_the_parameters(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    module = modules(lpl).Frozen()
+    module.net.requires_grad_(True)  # trainable now, but its optimizer holds another tensor
+    with pytest.raises(GradWatchError, match=r"no optimizer from Frozen\.configure_optimizers"):
+        fit(lpl, module, [record()], tmp_path, steps=1)
+
+
+# ---------------------------------------------------------------------- imports
+
+
+def test_importing_gradwatch_does_not_import_lightning() -> None:
+    code = (
+        "import sys, gradwatch, gradwatch.cli\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning', 'lightning_fabric'))\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_clear_error_without_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"needs Lightning.*pip install"):
+        lightning_callback._callback_bases()
+
+
+def test_one_class_for_both_namespaces() -> None:
+    for name in NAMESPACES:
+        namespace = importlib.import_module(name)
+        assert isinstance(GradWatchCallback(), namespace.Callback)
+
+
+# ---------------------------------------------------------------------- distributed
+
+
+def _run_ddp(out: pathlib.Path, policy: str) -> tuple[int, str, dict[int, dict[str, Any]]]:
+    """Runs the 2-process DDP script; kills its whole process group if it hangs."""
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(HELPERS.parent.parent)}
+    process = subprocess.Popen(
+        [sys.executable, str(HELPERS / "lightning_ddp.py"), str(out), policy],
+        cwd=out,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"DDP run with on_finding={policy!r} hung:\n{output[-4000:]}")
+    reports = {}
+    for rank in (0, 1):
+        path = out / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} wrote no report:\n{output[-4000:]}"
+        reports[rank] = json.loads(path.read_text())
+    return process.returncode, output, reports
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_finding_on_one_rank(tmp_path: pathlib.Path) -> None:
+    # Only rank 1 forgets zero_grad, from step 2 (see tests/helpers/lightning_ddp.py).
+    returncode, output, reports = _run_ddp(tmp_path / "record", "record")
+    assert returncode == 0, output[-4000:]
+    expected = [["missing_zero_grad", "net.2.bias", 2]]
+    for rank in (0, 1):
+        assert reports[rank]["world_size"] == 2
+        assert reports[rank]["global_step"] == 8
+        assert reports[rank]["findings"] == expected  # every rank knows, rank 0 reports
+    assert output.count("gradwatch (on rank 1): [missing_zero_grad]") == 1
+    run = pathlib.Path(reports[0]["output_dir"])
+    assert reports[1]["output_dir"] is None  # rank 1 writes nothing
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    lines = (run / FINDINGS_LOG_NAME).read_text().splitlines()
+    assert [(r["kind"], r["step"], r["rank"]) for r in map(json.loads, lines)] == [
+        ("missing_zero_grad", 2, 1)
+    ]
+    scalars = read_events(run).Tags()["scalars"]
+    assert "gradwatch/findings/missing_zero_grad" in scalars
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_raise_stops_every_rank(tmp_path: pathlib.Path) -> None:
+    returncode, output, reports = _run_ddp(tmp_path / "raise", "raise")
+    assert returncode != 0, output[-4000:]
+    for rank in (0, 1):
+        error = reports[rank]["error"]
+        assert error is not None and error.startswith("GradientError: [missing_zero_grad] step 2")
+        assert "'net.2.bias'" in error
+        assert reports[rank]["global_step"] == 3  # both stopped after the same batch
