@@ -10,6 +10,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 CLAIMS = {
     "first_model.py": ["[missing_zero_grad]", "step 1:", "no gradient problems found in 5"],
+    "lightning_callback.py": ["[no_grad] encoder.0.weight", "step 4:", "in 20 optimizer steps"],
     "plain_missing_zero_grad.py": ["[missing_zero_grad]", "step 1:"],
     "plain_nan.py": ["[nan] 2.bias", "step 5:"],
     "plain_exploding.py": ["[exploding]", "step 16:"],
