@@ -175,7 +175,9 @@ class GradWatchCallback(_CallbackBase):
         self._published: set[tuple[Kind, str | None]] = set()
         self._outbox: list[Finding] = []
         self._saved: dict[str, Any] | None = None
-        """Monitor state to load at the next ``on_fit_start`` (from a checkpoint or a last fit)."""
+        """The monitor's state when no fit is running: the last fit's, or a checkpoint's."""
+        self._resume = False
+        """Whether the next fit goes on from :attr:`_saved` (set by :meth:`load_state_dict`)."""
         self._steps = 0
         self._occurrences: dict[tuple[Kind, str | None], int] = {}
         self._rank = 0
@@ -274,8 +276,27 @@ class GradWatchCallback(_CallbackBase):
             self._monitor.load_state_dict(monitor)
         else:
             self._saved = monitor
+            self._resume = True
         self._findings = findings
         self._published = {(f.kind, f.param) for f in findings}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable and deep-copyable between fits (hooks and open outputs stay behind)."""
+        if self._monitor is not None:
+            raise GradWatchValueError(
+                "GradWatchCallback cannot be pickled or copied during fit; do it before or after"
+            )
+        state = dict(self.__dict__)
+        for transient in ("_registry", "_tensorboard", "_logs", "_scaler"):
+            state.pop(transient, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._registry = HookRegistry()
+        self._tensorboard = None
+        self._logs = {}
+        self._scaler = None
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -295,6 +316,10 @@ class GradWatchCallback(_CallbackBase):
                 f"configure_optimizers() updates any of its {len(named)} trainable parameters; "
                 f"there are no optimizer steps to check"
             )
+        resume, self._resume = self._resume, False
+        if not resume:  # a fit starts afresh unless resumed from a checkpoint
+            self._saved, self._steps, self._occurrences = None, 0, {}
+            self._findings, self._published = [], set()
         self._rank = trainer.global_rank
         self._world_size = trainer.world_size
         self._logger = logging.getLogger(_namespace(trainer))
@@ -311,7 +336,7 @@ class GradWatchCallback(_CallbackBase):
             ratio_every=RATIO_EVERY,
         )
         try:
-            if self._saved is not None:
+            if resume and self._saved is not None:
                 monitor.load_state_dict(self._saved)
             self._registry.add_param_hooks([p for _, p in named], monitor.tracker.on_accumulated)
             for optimizer in optimizers:

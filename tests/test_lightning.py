@@ -3,12 +3,14 @@ steps each; both Lightning namespaces where the namespace matters."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import json
 import logging
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
@@ -495,6 +497,19 @@ def test_state_from_another_model_is_refused(lpl: ModuleType, tmp_path: pathlib.
         fit(lpl, modules(lpl).TinyGAN(), [other], tmp_path, steps=2)
     with pytest.raises(GradWatchError, match="version 1"):
         other.load_state_dict({"version": 7})
+
+
+def test_pickle_and_deepcopy_between_fits(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    assert pickle.loads(pickle.dumps(callback)).state_key == callback.state_key
+    fit(lpl, modules(lpl).Regressor(nan_at=2), [callback], tmp_path, steps=4)
+    copied = copy.deepcopy(callback)
+    assert copied.findings == callback.findings
+    assert copied.state_dict()["monitor"]["steps"] == {0: 4}
+    # Each fit starts afresh unless resumed from a checkpoint.
+    fit(lpl, modules(lpl).Regressor(nan_at=3), [copied], tmp_path, steps=6)
+    assert copied.step == 6
+    assert [(f.kind.value, f.step) for f in copied.findings] == [("nan", 3)]
 
 
 # ---------------------------------------------------------------------- configuration
