@@ -65,22 +65,20 @@ def _row(grad: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
 def _finite_cpu_row(
     x: torch.Tensor, lo: float, hi: float, bins: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    row = torch.empty(COLUMNS + bins, dtype=dtype)
-    row[FINITE] = x.numel()
-    row[NAN] = 0
-    row[INF] = 0
-    row[MIN] = lo
-    row[MAX] = hi
-    row[SUM] = x.sum(dtype=torch.float64)
-    row[SUM_SQUARES] = torch.dot(x, x)
-    row[SUM_ABS] = x.abs().sum(dtype=torch.float64)
+    sums = torch.stack([x.sum(), torch.dot(x, x), x.abs().sum()]).to(dtype)
     if hi > lo:
-        index = torch.sub(x, lo).mul_(bins / (hi - lo)).clamp_(0, bins - 1).to(torch.int32)
-        row[COLUMNS:] = torch.bincount(index, minlength=bins)
+        scale = bins / (hi - lo)
+        # Values land in [0, bins]: truncation takes the rounding noise below 0 to bucket 0, and
+        # the top bucket also takes the values equal to the maximum (index ``bins``).
+        index = torch.mul(x, scale).add_(-lo * scale).to(torch.int32)
+        counts = torch.bincount(index, minlength=bins + 1).to(dtype)
+        counts[bins - 1] += counts[bins:].sum()
+        counts = counts[:bins]
     else:
-        row[COLUMNS:] = 0
-        row[COLUMNS + bins // 2] = x.numel()
-    return row
+        counts = torch.zeros(bins, dtype=dtype)
+        counts[bins // 2] = x.numel()
+    head = torch.tensor([x.numel(), 0, 0, lo, hi], dtype=dtype)
+    return torch.cat([head, sums, counts])
 
 
 def _device_row(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:

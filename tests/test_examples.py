@@ -15,6 +15,12 @@ CLAIMS = {
     "plain_nan.py": ["[nan] 2.bias", "step 5:"],
     "plain_exploding.py": ["[exploding]", "step 16:"],
     "plain_vanishing.py": ["[vanishing] 0.weight"],
+    "tensorboard_walkthrough.py": [
+        "[missing_zero_grad]",
+        "step 60:",
+        "histograms at steps 0, 10, 20,",
+        "tensorboard --logdir runs/tensorboard-walkthrough",
+    ],
 }
 
 
