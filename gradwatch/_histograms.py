@@ -46,8 +46,19 @@ def histogram_rows(
     return torch.stack([r.to(device, non_blocking=True) for r in rows])
 
 
+def _flat(grad: torch.Tensor) -> torch.Tensor:
+    """The values of ``grad`` as a 1-D tensor, in memory order: a view whenever the layout is
+    dense (a transposed gradient, as ``nn.Linear``'s weight gets, is not copied)."""
+    if not grad.is_contiguous() and grad.dim() > 1:
+        order = sorted(range(grad.dim()), key=lambda d: grad.stride(d), reverse=True)
+        permuted = grad.permute(order)
+        if permuted.is_contiguous():
+            return permuted.view(-1)
+    return grad.reshape(-1)
+
+
 def _row(grad: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
-    x = grad.reshape(-1)
+    x = _flat(grad)
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # half, bfloat16: bucket and sum in float32
     if x.numel() == 0:
@@ -175,6 +186,18 @@ class GradientHistograms:
         """Largest finite |value| (NaN where there is none)."""
         largest = torch.maximum(self.min.abs(), self.max.abs())
         return torch.where(self.finite > 0, largest, math.nan)
+
+    def bucket_limits(self) -> torch.Tensor:
+        """The upper edge of every bucket of every row, ``(rows, bins)`` (rows without a finite
+        value get NaN)."""
+        lo, hi = self.min.clone(), self.max.clone()
+        constant = hi <= lo
+        lo[constant] -= 0.5
+        hi[constant] += 0.5
+        fraction = torch.arange(1, self.bins + 1, dtype=torch.float64) / self.bins
+        limits = lo[:, None] + (hi - lo)[:, None] * fraction
+        limits[:, -1] = hi  # exactly the maximum, whatever the rounding
+        return torch.where((self.finite > 0)[:, None], limits, math.nan)
 
     def edges(self, j: int) -> torch.Tensor:
         """The ``bins + 1`` bucket edges of row ``j``, increasing (empty when no finite value)."""

@@ -136,3 +136,28 @@ def test_cuda_rows_match_cpu_rows(dtype: torch.dtype) -> None:
     hist = GradientHistograms(on_device)
     for j, grad in enumerate(grads):
         _check_row(hist, j, grad)
+
+
+def test_bucket_limits_are_the_upper_edges() -> None:
+    grads = [CASES[c] for c in sorted(CASES)]
+    hist = GradientHistograms(histogram_rows(grads, BINS))
+    limits = hist.bucket_limits()
+    for j in range(len(grads)):
+        edges = hist.edges(j)
+        if len(edges) == 0:
+            assert limits[j].isnan().all()
+        else:
+            torch.testing.assert_close(limits[j], edges[1:])
+
+
+@pytest.mark.parametrize("layout", ["transposed", "permuted", "strided"])
+def test_non_contiguous_gradients(layout: str) -> None:
+    base = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(3))
+    grad = {
+        "transposed": base[0].t(),
+        "permuted": base.permute(2, 0, 1),
+        "strided": base[:, ::2, :],
+    }[layout]
+    assert not grad.is_contiguous()
+    hist = GradientHistograms(histogram_rows([grad], BINS))
+    _check_row(hist, 0, grad)

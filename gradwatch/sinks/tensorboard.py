@@ -6,7 +6,10 @@ import atexit
 import contextlib
 import math
 import os
+import queue
 import re
+import threading
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -72,6 +75,7 @@ class TensorBoardSink:
         self._param_every = param_every
         self._figure_every = figure_every
         self._last_figure: int | None = None
+        self._figures: queue.Queue[_Figure | None] | None = None
         self._counts: dict[str, int] = {}
         self._layout_names: dict[str, None] = {}
         self._closed = False
@@ -101,6 +105,8 @@ class TensorBoardSink:
         highs = histograms.max.tolist()
         sums = histograms.sum.tolist()
         squares = histograms.sum_squares.tolist()
+        limits = histograms.bucket_limits().tolist()
+        counts = histograms.counts.tolist()
         for j, name in enumerate(names):
             writer.add_scalar(f"gradwatch/grad_nan/{name}", nans[j], step)
             writer.add_scalar(f"gradwatch/grad_inf/{name}", infs[j], step)
@@ -113,15 +119,26 @@ class TensorBoardSink:
                 num=int(finite[j]),
                 sum=sums[j],
                 sum_squares=squares[j],
-                bucket_limits=histograms.edges(j)[1:].tolist(),
-                bucket_counts=histograms.counts[j].tolist(),
+                bucket_limits=limits[j],
+                bucket_counts=counts[j],
                 global_step=step,
             )
         if self._last_figure is None or step >= self._last_figure + self._figure_every:
-            image = gradient_flow_image(names, histograms)
-            if image is not None:
-                writer.add_image("gradwatch/grad_flow", image, step, dataformats="HWC")
-                self._last_figure = step
+            self._last_figure = step
+            self._draw_later(step, list(names), GradientHistograms(histograms.rows.clone()))
+
+    def _draw_later(self, step: int, names: list[str], histograms: GradientHistograms) -> None:
+        """Draws the gradient-flow figure on a worker thread: tens of milliseconds of matplotlib
+        that training does not wait for (:meth:`flush` and :meth:`close` do)."""
+        if self._figures is None:
+            self._figures = queue.Queue(maxsize=2)
+            threading.Thread(
+                target=_draw_figures,
+                args=(self._figures, self._writer),
+                name="gradwatch-gradient-flow",
+                daemon=True,
+            ).start()
+        self._figures.put((step, names, histograms))
 
     def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
         for name, ratio in zip(names, ratios.tolist(), strict=True):
@@ -146,6 +163,8 @@ class TensorBoardSink:
 
     def flush(self) -> None:
         if not self._closed:
+            if self._figures is not None:
+                self._figures.join()
             self._writer.flush()
 
     def close(self) -> None:
@@ -153,10 +172,41 @@ class TensorBoardSink:
             return
         self._closed = True
         _open_sinks.discard(self)
+        if self._figures is not None:
+            self._figures.put(None)
+            self._figures.join()
         if self._owns_writer:
             self._writer.close()
         else:
             self._writer.flush()
+
+
+_Figure = tuple[int, list[str], GradientHistograms]
+
+
+def _draw_figures(figures: queue.Queue[_Figure | None], writer: SummaryWriter) -> None:
+    broken = False
+    while True:
+        item = figures.get()
+        try:
+            if item is None:
+                return
+            if broken:
+                continue
+            step, names, histograms = item
+            image = gradient_flow_image(names, histograms)
+            if image is not None:
+                writer.add_image("gradwatch/grad_flow", image, step, dataformats="HWC")
+        except Exception as error:  # a broken figure must never stop training
+            broken = True
+            warnings.warn(
+                f"gradwatch: drawing the gradient-flow figure failed ({error!r}); no more "
+                f"figures are drawn in this run",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+        finally:
+            figures.task_done()
 
 
 def module_of(name: str) -> str:
