@@ -798,10 +798,12 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    output = args.output or (None if args.quick else str(RESULTS / f"{machine}.md"))
     started = time.perf_counter()
     load_at_start = os.getloadavg()
     results = []
-    rss = {}
+    rss: dict[str, dict[str, dict[str, int]]] = {}
+    table = ""
     for name in models:
         log(f"{name}:")
         results.append(
@@ -820,20 +822,23 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_rss and not (args.quick and rss):
             rss_keys = [k for k in ("baseline", "gradwatch", "gradwatch-hist1") if k in SPECS]
             rss[name] = measure_rss(name, rss_keys, args.device, args.quick, args.rss_steps)
-    table = render(
-        results,
-        rss,
-        device=device,
-        machine=machine,
-        command=command.strip(),
-        load_at_start=load_at_start,
-    )
+        table = render(
+            results,
+            rss,
+            device=device,
+            machine=machine,
+            command=command.strip(),
+            load_at_start=load_at_start,
+        )
+        if len(results) < len(models):
+            table += f"\n(partial: {len(results)} of {len(models)} models so far)\n"
+        if output:
+            # Written after every model, so that an interrupted run keeps what it measured.
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(table)
     print(table)
     log(f"done in {time.perf_counter() - started:.0f} s")
-    output = args.output or (None if args.quick else str(RESULTS / f"{machine}.md"))
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(table)
         log(f"written to {output}")
     return 0
 
