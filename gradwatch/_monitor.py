@@ -121,6 +121,13 @@ class Monitor:
         self.histogram_bins = histogram_bins
         self.options = options
         self._on_finding = on_finding
+        complex_names = [name for name, p in named if p.is_complex()]
+        if complex_names:
+            raise GradWatchValueError(
+                f"complex parameters are not supported: {', '.join(complex_names[:5])}"
+                f"{' ...' if len(complex_names) > 5 else ''}; freeze them or keep them as real "
+                f"tensors (torch.view_as_real) to watch this model"
+            )
         self._table = ParamTable.from_named(named)
         self.tracker = GradientTracker(len(self._table))
         self._tracker = self.tracker

@@ -138,6 +138,14 @@ class Watcher:
                 f"model has no trainable parameters (none with requires_grad=True) to watch: "
                 f"{type(model).__name__}"
             )
+        watched = {id(p) for _, p in named}
+        for number, opt in enumerate(optimizers):
+            if not any(id(p) in watched for g in opt.param_groups for p in g["params"]):
+                raise GradWatchValueError(
+                    f"optimizer {number} ({type(opt).__name__}) updates none of the model's "
+                    f"trainable parameters; pass the optimizers of this model, or none to follow "
+                    f"whichever optimizer steps its parameters"
+                )
 
         sink_list = list(sinks)
         self._registry = HookRegistry()
