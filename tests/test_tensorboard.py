@@ -512,3 +512,26 @@ def test_exit_handler_flushes_open_sinks_without_keeping_them_alive(
     del dropped
     gc.collect()
     assert alive() is None
+
+
+def test_a_failing_figure_is_reported_once_and_the_rest_goes_on(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradwatch._histograms import GradientHistograms, histogram_rows
+    from gradwatch.sinks import tensorboard
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(tensorboard, "gradient_flow_image", broken)
+    sink = TensorBoardSink(tmp_path, figure_every=1)
+    hist = GradientHistograms(histogram_rows([torch.randn(4, 3)], 8))
+    with pytest.warns(RuntimeWarning, match="gradient-flow figure failed .*no fonts") as caught:
+        for step in range(3):
+            sink.write_histograms(step, ["w"], hist)
+            sink.flush()
+        sink.close()
+    assert len([w for w in caught if "gradient-flow" in str(w.message)]) == 1
+    accumulator = _read_all(tmp_path)
+    assert [e.step for e in accumulator.Histograms("gradwatch/grad/w")] == [0, 1, 2]
+    assert accumulator.Tags()["images"] == []

@@ -76,6 +76,8 @@ class TensorBoardSink:
         self._figure_every = figure_every
         self._last_figure: int | None = None
         self._figures: queue.Queue[_Figure | None] | None = None
+        self._figure_errors: list[Exception] = []
+        self._figure_error_reported = False
         self._counts: dict[str, int] = {}
         self._layout_names: dict[str, None] = {}
         self._closed = False
@@ -134,9 +136,20 @@ class TensorBoardSink:
             )
             values.append(protos.Summary.Value(tag=f"gradwatch/grad/{name}", histo=histogram))
         self._emit(step, values)
+        self._report_figure_error()
         if self._last_figure is None or step >= self._last_figure + self._figure_every:
             self._last_figure = step
             self._draw_later(step, list(names), GradientHistograms(histograms.rows.clone()))
+
+    def _report_figure_error(self) -> None:
+        if self._figure_errors and not self._figure_error_reported:
+            self._figure_error_reported = True
+            warnings.warn(
+                f"gradwatch: drawing the gradient-flow figure failed "
+                f"({self._figure_errors[0]!r}); no more figures are drawn in this run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _draw_later(self, step: int, names: list[str], histograms: GradientHistograms) -> None:
         """Draws the gradient-flow figure on a worker thread: tens of milliseconds of matplotlib
@@ -145,7 +158,7 @@ class TensorBoardSink:
             self._figures = queue.Queue(maxsize=2)
             threading.Thread(
                 target=_draw_figures,
-                args=(self._figures, self._writer),
+                args=(self._figures, self._writer, self._figure_errors),
                 name="gradwatch-gradient-flow",
                 daemon=True,
             ).start()
@@ -181,6 +194,7 @@ class TensorBoardSink:
         if not self._closed:
             if self._figures is not None:
                 self._figures.join()
+            self._report_figure_error()
             self._writer.flush()
 
     def close(self) -> None:
@@ -212,7 +226,9 @@ def _protos() -> Any:
 _Figure = tuple[int, list[str], GradientHistograms]
 
 
-def _draw_figures(figures: queue.Queue[_Figure | None], writer: SummaryWriter) -> None:
+def _draw_figures(
+    figures: queue.Queue[_Figure | None], writer: SummaryWriter, errors: list[Exception]
+) -> None:
     broken = False
     while True:
         item = figures.get()
@@ -227,12 +243,7 @@ def _draw_figures(figures: queue.Queue[_Figure | None], writer: SummaryWriter) -
                 writer.add_image("gradwatch/grad_flow", image, step, dataformats="HWC")
         except Exception as error:  # a broken figure must never stop training
             broken = True
-            warnings.warn(
-                f"gradwatch: drawing the gradient-flow figure failed ({error!r}); no more "
-                f"figures are drawn in this run",
-                RuntimeWarning,
-                stacklevel=1,
-            )
+            errors.append(error)  # reported by the sink's next call, if it still gets one
         finally:
             figures.task_done()
 
