@@ -175,12 +175,6 @@ def test_killed_run_keeps_every_reported_finding(tmp_path: pathlib.Path) -> None
         assert _scalar_steps(events, f"gradwatch/findings/{kind}") in ([], [step])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TensorBoardSink.write_finding does not flush: a finding's TensorBoard entries sit in "
-    "the SummaryWriter's queue (periodic flush only) when the finding is reported, so a kill can "
-    "lose them although the findings log keeps the finding",
-)
 def test_finding_is_flushed_to_tensorboard_when_reported(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -426,11 +420,6 @@ def test_sink_failing_only_on_findings(runtime_warnings: list[warnings.WarningMe
     assert len(healthy.checks) == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GuardedSinks drops a failing sink without ever closing it: Watcher.close() does not "
-    "release its resources (the findings log's file handle stays open until garbage collection)",
-)
 def test_a_sink_that_failed_is_still_closed(
     runtime_warnings: list[warnings.WarningMessage],
 ) -> None:

@@ -313,7 +313,8 @@ def test_broken_sink_is_reported_once_and_detection_goes_on(
     assert len(runtime) == 1
     assert "BrokenSink.write_check failed" in str(runtime[0].message)
     assert "disk full" in str(runtime[0].message)
-    assert broken.calls == ["write_check"]  # switched off after its first failure
+    # Switched off after its first failure; only closed at the end, to release what it holds.
+    assert broken.calls == ["write_check", "close"]
     assert [f.kind for f in watcher.findings] == [Kind.MISSING_ZERO_GRAD]
     assert watcher.step == 6
     assert healthy.findings == watcher.findings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Protocol
@@ -46,6 +47,7 @@ class GuardedSinks:
 
     def __init__(self, sinks: Sequence[Sink]) -> None:
         self._sinks = list(sinks)
+        self._failed: list[Sink] = []
 
     def __bool__(self) -> bool:
         return bool(self._sinks)
@@ -80,12 +82,18 @@ class GuardedSinks:
         for sink in list(self._sinks):
             self._call(sink, "close")
         self._sinks.clear()
+        failed, self._failed = self._failed, []
+        for sink in failed:  # switched off, but it may still hold a file or a thread
+            with contextlib.suppress(Exception):
+                sink.close()
 
     def _call(self, sink: Sink, method: str, *args: object) -> None:
         try:
             getattr(sink, method)(*args)
         except Exception as error:  # a broken output must never stop training
             self._sinks.remove(sink)
+            if method != "close":
+                self._failed.append(sink)
             warnings.warn(
                 f"gradwatch: {type(sink).__name__}.{method} failed ({error!r}); that output is "
                 f"switched off for the rest of the run, detection goes on",

@@ -181,6 +181,7 @@ class TensorBoardSink:
         self._add_text(
             "gradwatch/findings", f"**{kind}** `{finding.param}`: {finding.message}", finding.step
         )
+        self._writer.flush()  # findings are rare; a run killed right after keeps them
 
     def _add_text(self, tag: str, text: str, step: int) -> None:
         # SummaryWriter.add_text would file it under "<tag>/text_summary"; keep the tag as given.
