@@ -556,6 +556,19 @@ def measure_model(
 # ------------------------------------------------------------------------------------ peak memory
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak resident set, KiB.
+
+    ``VmHWM`` where Linux provides it: ``ru_maxrss`` survives ``exec``, so a child forked from a
+    large parent would report the parent's size.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def rss_child(name: str, key: str, device: str, quick: bool, steps: int) -> None:
     """Run ``steps`` steps of one variant and print peak RSS (KiB) as JSON: for a subprocess."""
     torch.set_num_threads(2)
@@ -566,13 +579,13 @@ def rss_child(name: str, key: str, device: str, quick: bool, steps: int) -> None
         try:
             for _ in range(5):
                 train_step(work, variant)
-            after_warmup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            after_warmup = _peak_rss_kib()
             for _ in range(steps):
                 train_step(work, variant)
             _sync(dev)
         finally:
             variant.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_rss_kib()
     print(json.dumps({"peak_kib": peak, "after_warmup_kib": after_warmup}))
 
 
