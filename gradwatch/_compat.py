@@ -22,12 +22,6 @@ def foreach_norm_fp32(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list
     return list(torch._foreach_norm([t.float() for t in tensors], ord))
 
 
-def flatten_dense(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """All ``tensors`` (same device and dtype) concatenated into one 1-D tensor, in one call."""
-    flat: torch.Tensor = torch._utils._flatten_dense_tensors(list(tensors))  # type: ignore[no-untyped-call]  # unannotated in torch
-    return flat
-
-
 def group_by_device_and_dtype(
     tensors: Sequence[torch.Tensor],
 ) -> dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]]:

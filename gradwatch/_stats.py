@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gradwatch._compat import flatten_dense, foreach_norm_fp32, group_by_device_and_dtype
+from gradwatch._compat import foreach_norm_fp32, group_by_device_and_dtype
 
 
 def gradient_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -20,29 +20,18 @@ def gradient_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return NormPlan(grads).norms(grads)
 
 
-# On CPU a foreach kernel still visits tensors one at a time, at about a microsecond each: for many
-# small gradients one flattening copy and one scatter-add are several times cheaper. Only tensors
-# this small are copied, so the extra memory stays a small fraction of the model.
-_SMALL_NUMEL = 4096
-_MIN_SMALL_TENSORS = 64
-
-
 @dataclasses.dataclass(frozen=True)
 class _Group:
     positions: torch.Tensor | None
     """Where this group's norms go in the result; None when it is the only group."""
     members: list[int]
-    small: list[int]
-    """Positions within ``members`` taken by flattening; the rest by a foreach kernel."""
-    segments: torch.Tensor | None
-    large: list[int]
 
 
 class NormPlan:
-    """How to take the norms of one list of gradients: grouped by (device, dtype), by size.
+    """How to take the norms of one list of gradients: one foreach kernel per (device, dtype).
 
-    Valid for any list of gradients with the same layouts, devices, dtypes and sizes, in the same
-    order, as the one it was built from.
+    The grouping is worked out once; the plan is valid for any list of gradients with the same
+    layouts, devices and dtypes, in the same order, as the one it was built from.
     """
 
     def __init__(self, grads: Sequence[torch.Tensor]) -> None:
@@ -51,18 +40,10 @@ class NormPlan:
         self._sparse = any(g.layout != torch.strided for g in grads)
         grads = [_dense_values(g) for g in grads] if self._sparse else grads
         groups = group_by_device_and_dtype(grads)
-        self._groups = []
-        for tensors, members in groups.values():
-            numels = [t.numel() for t in tensors]
-            small = [j for j, n in enumerate(numels) if n <= _SMALL_NUMEL]
-            if tensors[0].device.type != "cpu" or len(small) < _MIN_SMALL_TENSORS or self._sparse:
-                small = []
-            large = sorted(set(range(len(tensors))) - set(small))
-            segments = (
-                torch.repeat_interleave(torch.tensor([numels[j] for j in small])) if small else None
-            )
-            positions = None if len(groups) == 1 else torch.tensor(members, device=self.device)
-            self._groups.append(_Group(positions, members, small, segments, large))
+        self._groups = [
+            _Group(None if len(groups) == 1 else torch.tensor(members, device=self.device), members)
+            for _, members in groups.values()
+        ]
 
     def norms(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         if not grads:
@@ -70,31 +51,12 @@ class NormPlan:
         if self._sparse:
             grads = [_dense_values(g) for g in grads]
         if len(self._groups) == 1:
-            return self._group_norms(self._groups[0], grads)
+            return torch.stack(foreach_norm_fp32(grads))
         norms = torch.empty(self.size, dtype=torch.float32, device=self.device)
         for group in self._groups:
-            group_norms = self._group_norms(group, [grads[i] for i in group.members])
+            group_norms = torch.stack(foreach_norm_fp32([grads[i] for i in group.members]))
             assert group.positions is not None
             norms[group.positions] = group_norms.to(self.device, torch.float32, non_blocking=True)
-        return norms
-
-    @staticmethod
-    def _group_norms(group: _Group, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not group.small:
-            return torch.stack(foreach_norm_fp32(tensors))
-        norms = torch.zeros(len(tensors), dtype=torch.float32)
-        if len(group.small) == len(tensors):
-            flat = flatten_dense(list(tensors))
-        else:
-            flat = flatten_dense([tensors[j] for j in group.small])
-        flat = flat.float()
-        small_sums = torch.zeros(len(group.small), dtype=torch.float32)
-        assert group.segments is not None
-        small_sums.index_add_(0, group.segments, flat * flat)
-        if len(group.small) == len(tensors):
-            return small_sums.sqrt_()
-        norms[group.small] = small_sums.sqrt_()
-        norms[group.large] = torch.stack(foreach_norm_fp32([tensors[j] for j in group.large]))
         return norms
 
 
