@@ -185,17 +185,7 @@ class Monitor:
 
     def summary(self) -> str:
         """A readable report of every finding so far."""
-        findings = self.findings
-        if not findings:
-            return f"gradwatch: no gradient problems found in {self.step} optimizer steps."
-        occurrences = self.occurrences
-        lines = [f"gradwatch: {len(findings)} finding(s) in {self.step} optimizer steps:"]
-        for f in findings:
-            seen = occurrences.get((f.kind, f.param), 1)
-            again = f" (seen at {seen} checks)" if seen > 1 else ""
-            lines.append(f"  [{f.kind.value}] {f.param or '(model)'}{again}")
-            lines.append(f"      {f.message}")
-        return "\n".join(lines)
+        return format_summary(self.findings, self.occurrences, self.step)
 
     def close(self) -> None:
         """Report what is still in flight (without raising), flush and close the outputs."""
@@ -581,6 +571,21 @@ def _learning_rates(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
         for p in group["params"]:
             by_param[id(p)] = value
     return [by_param.get(id(p), math.nan) for p in params]
+
+
+def format_summary(
+    findings: Sequence[Finding], occurrences: dict[tuple[Kind, str | None], int], steps: int
+) -> str:
+    """The readable report both front ends print: each finding, how often it was seen, advice."""
+    if not findings:
+        return f"gradwatch: no gradient problems found in {steps} optimizer steps."
+    lines = [f"gradwatch: {len(findings)} finding(s) in {steps} optimizer steps:"]
+    for f in findings:
+        seen = occurrences.get((f.kind, f.param), 1)
+        again = f" (seen at {seen} checks)" if seen > 1 else ""
+        lines.append(f"  [{f.kind.value}] {f.param or '(model)'}{again}")
+        lines.append(f"      {f.message}")
+    return "\n".join(lines)
 
 
 def _finding_to_dict(finding: Finding) -> dict[str, Any]:

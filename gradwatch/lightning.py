@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from gradwatch import _options
-from gradwatch._monitor import Monitor, _finding_from_dict, _finding_to_dict
+from gradwatch._monitor import Monitor, _finding_from_dict, _finding_to_dict, format_summary
 from gradwatch.findings import (
     Finding,
     GradientError,
@@ -234,17 +234,7 @@ class GradWatchCallback(_CallbackBase):
 
     def summary(self) -> str:
         """A readable report of every finding so far."""
-        findings = self.findings
-        if not findings:
-            return f"gradwatch: no gradient problems found in {self.step} optimizer steps."
-        occurrences = self.occurrences
-        lines = [f"gradwatch: {len(findings)} finding(s) in {self.step} optimizer steps:"]
-        for f in findings:
-            seen = occurrences.get((f.kind, f.param), 1)
-            again = f" (seen at {seen} checks)" if seen > 1 else ""
-            lines.append(f"  [{f.kind.value}] {f.param or '(model)'}{again}")
-            lines.append(f"      {f.message}")
-        return "\n".join(lines)
+        return format_summary(self.findings, self.occurrences, self.step)
 
     def state_dict(self) -> dict[str, Any]:
         """Step counts, detector history and findings, saved in Lightning checkpoints."""
