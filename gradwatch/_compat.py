@@ -62,7 +62,3 @@ class _PassCounter:
     def _end_pass(self) -> None:
         self._armed = False
         self._passes += 1
-
-
-def has_post_accumulate_grad_hooks() -> bool:
-    return hasattr(torch.Tensor, "register_post_accumulate_grad_hook")

@@ -60,7 +60,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from gradwatch import _options
 from gradwatch._monitor import Monitor, _finding_from_dict, _finding_to_dict, format_summary
@@ -73,7 +72,7 @@ from gradwatch.findings import (
     Kind,
 )
 from gradwatch.registry import HookRegistry
-from gradwatch.watcher import RATIO_EVERY, _is_summary_writer
+from gradwatch.watcher import RATIO_EVERY, _is_summary_writer, _trainable_parameters
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -292,7 +291,7 @@ class GradWatchCallback(_CallbackBase):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close(trainer)
-        named = _trainable(pl_module)
+        named = _trainable_parameters(pl_module)
         if not named:
             raise GradWatchValueError(
                 f"GradWatchCallback: {type(pl_module).__name__} has no trainable parameters "
@@ -606,10 +605,6 @@ def _output_failed(what: str, error: Exception) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
-
-
-def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 __all__ = ["GradWatchCallback"]
