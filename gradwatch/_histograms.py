@@ -4,16 +4,21 @@ A histogram step adds one row per gradient to the small tensor the host reads at
 ``[finite, nan, inf, min, max, sum, sum_squares, sum_abs, count_0, ..., count_{bins-1}]``, where
 every statistic and bucket is taken over the finite values only and ``nan``/``inf`` count the
 others. The buckets split ``[min, max]`` into ``bins`` equal parts (``[v - 0.5, v + 0.5]`` when
-every finite value is ``v``, as numpy does). Nothing here reads a device tensor on the host; on CPU
-the minimum and maximum are read to pick the fast path, which costs no synchronisation there.
+every finite value is ``v``, as numpy does). Bucketing costs several times a norm per value, so a
+gradient with more than ``SAMPLE`` values fills its buckets from a fixed random sample of that
+many, scaled to its number of finite values; its counts, minimum, maximum and sums stay exact.
+Nothing here reads a device tensor on the host; on CPU the minimum and maximum are read to pick
+the fast path, which costs no synchronisation there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from gradwatch._stats import _dense_values
@@ -23,6 +28,14 @@ DEFAULT_BINS = 64
 FINITE, NAN, INF, MIN, MAX, SUM, SUM_SQUARES, SUM_ABS = range(8)
 COLUMNS = 8
 """Statistics before the bucket counts in each row."""
+
+
+SAMPLE = 1 << 16
+"""Gradients with more values than this fill their buckets from a fixed random sample of this
+many of them, scaled up to the number of finite values; every other statistic is exact."""
+
+_SMALL_BATCH = 1 << 20
+"""Values of small CPU gradients bucketed together in one pass (bounds the scratch space)."""
 
 
 def statistics_dtype(device: torch.device) -> torch.dtype:
@@ -40,10 +53,34 @@ def histogram_rows(
     dtype = statistics_dtype(device)
     if not grads:
         return torch.zeros(0, COLUMNS + bins, dtype=dtype, device=device)
-    rows = [_row(_dense_values(g.detach()), bins, dtype) for g in grads]
-    if all(r.device == device for r in rows):
-        return torch.stack(rows)
-    return torch.stack([r.to(device, non_blocking=True) for r in rows])
+    values = [_values(g) for g in grads]
+    rows: list[torch.Tensor | None] = [None] * len(values)
+    small = [j for j, x in enumerate(values) if x.device.type == "cpu" and 0 < x.numel() <= SAMPLE]
+    for batch in _batches(small, [values[j].numel() for j in small]):
+        for j, row in zip(batch, _small_cpu_rows([values[j] for j in batch], bins), strict=True):
+            rows[j] = row
+    for j, x in enumerate(values):
+        if rows[j] is None:
+            rows[j] = _row(x, bins, dtype)
+    return torch.stack([r.to(device, dtype, non_blocking=True) for r in rows if r is not None])
+
+
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """The values of ``grad`` as a flat float32 or float64 tensor (a view where possible)."""
+    x = _flat(_dense_values(grad.detach()))
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _batches(indices: list[int], sizes: list[int]) -> list[list[int]]:
+    batches: list[list[int]] = []
+    total = _SMALL_BATCH
+    for index, size in zip(indices, sizes, strict=True):
+        if total + size > _SMALL_BATCH:
+            batches.append([])
+            total = 0
+        batches[-1].append(index)
+        total += size
+    return batches
 
 
 def _flat(grad: torch.Tensor) -> torch.Tensor:
@@ -57,34 +94,49 @@ def _flat(grad: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1)
 
 
-def _row(grad: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
-    x = _flat(grad)
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # half, bfloat16: bucket and sum in float32
+def _row(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
     if x.numel() == 0:
         row = torch.zeros(COLUMNS + bins, dtype=dtype, device=x.device)
         row[MIN], row[MAX] = math.inf, -math.inf
         return row
+    sample = _sample(x.numel(), x.device) if x.numel() > SAMPLE else None
     if x.device.type == "cpu":
         lo_t, hi_t = torch.aminmax(x)  # NaN propagates: both finite means every value is
         lo, hi = float(lo_t), float(hi_t)
         if math.isfinite(lo) and math.isfinite(hi):
-            return _finite_cpu_row(x, lo, hi, bins, dtype)
-    return _device_row(x, bins, dtype)
+            return _finite_cpu_row(x, lo, hi, bins, dtype, sample)
+    return _device_row(x, bins, dtype, sample)
+
+
+@functools.lru_cache(maxsize=32)
+def _sample(numel: int, device: torch.device) -> torch.Tensor:
+    """``SAMPLE`` positions in ``range(numel)``, the same ones at every step, in increasing order
+    (drawn from a generator of their own: the user's random state is not touched)."""
+    generator = torch.Generator(device).manual_seed(numel)
+    positions = torch.randint(0, numel, (SAMPLE,), generator=generator, device=device)
+    return positions.sort().values
 
 
 def _finite_cpu_row(
-    x: torch.Tensor, lo: float, hi: float, bins: int, dtype: torch.dtype
+    x: torch.Tensor,
+    lo: float,
+    hi: float,
+    bins: int,
+    dtype: torch.dtype,
+    sample: torch.Tensor | None,
 ) -> torch.Tensor:
     sums = torch.stack([x.sum(), torch.dot(x, x), x.abs().sum()]).to(dtype)
     if hi > lo:
         scale = bins / (hi - lo)
+        picked = x if sample is None else x.index_select(0, sample)
         # Values land in [0, bins]: truncation takes the rounding noise below 0 to bucket 0, and
         # the top bucket also takes the values equal to the maximum (index ``bins``).
-        index = torch.mul(x, scale).add_(-lo * scale).to(torch.int32)
+        index = torch.mul(picked, scale).add_(-lo * scale).to(torch.int32)
         counts = torch.bincount(index, minlength=bins + 1).to(dtype)
         counts[bins - 1] += counts[bins:].sum()
         counts = counts[:bins]
+        if sample is not None:
+            counts *= x.numel() / len(sample)
     else:
         counts = torch.zeros(bins, dtype=dtype)
         counts[bins // 2] = x.numel()
@@ -92,24 +144,62 @@ def _finite_cpu_row(
     return torch.cat([head, sums, counts])
 
 
-def _device_row(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
+def _small_cpu_rows(xs: list[torch.Tensor], bins: int) -> list[torch.Tensor]:
+    """The rows of many small non-empty CPU gradients, bucketed together in float64 with numpy
+    (a few calls in all instead of a dozen per gradient)."""
+    lengths = np.array([x.numel() for x in xs])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    values = torch.cat([x.to(torch.float64) for x in xs]).numpy()
+    lo = np.minimum.reduceat(values, starts)
+    hi = np.maximum.reduceat(values, starts)
+    finite = np.isfinite(lo) & np.isfinite(hi)  # NaN propagates through both
+    constant = ~(hi > lo)
+    scale = np.where(constant | ~finite, 0.0, bins / np.where(constant, 1.0, hi - lo))
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite gradients: redone below
+        position = (values - np.repeat(lo, lengths)) * np.repeat(scale, lengths)
+        sums = [np.add.reduceat(v, starts) for v in (values, values * values, np.abs(values))]
+    index = np.nan_to_num(position, nan=0.0, posinf=0.0, neginf=0.0).astype(np.int64)
+    np.clip(index, 0, bins, out=index)
+    index[np.repeat(constant, lengths)] = bins // 2
+    index += np.repeat(np.arange(len(xs)) * (bins + 1), lengths)
+    counts = np.bincount(index, minlength=len(xs) * (bins + 1)).reshape(len(xs), bins + 1)
+    counts[:, bins - 1] += counts[:, bins]
+    table = np.empty((len(xs), COLUMNS + bins))
+    table[:, FINITE] = lengths
+    table[:, NAN] = table[:, INF] = 0
+    table[:, MIN], table[:, MAX] = lo, hi
+    table[:, SUM], table[:, SUM_SQUARES], table[:, SUM_ABS] = sums
+    table[:, COLUMNS:] = counts[:, :bins]
+    rows = list(torch.from_numpy(table))
+    for j in np.flatnonzero(~finite):
+        rows[j] = _device_row(xs[j], bins, torch.float64)
+    return rows
+
+
+def _device_row(
+    x: torch.Tensor, bins: int, dtype: torch.dtype, sample: torch.Tensor | None = None
+) -> torch.Tensor:
     """The same row with no value read by the host (any device, non-finite values allowed)."""
     finite = torch.isfinite(x)
-    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
-    lo = torch.where(finite, x, inf).amin()
-    hi = torch.where(finite, x, -inf).amax()
+    lo = torch.where(finite, x, math.inf).amin()
+    hi = torch.where(finite, x, -math.inf).amax()
     values = torch.where(finite, x, 0)
     finite_count = finite.sum()
     nan_count = torch.isnan(x).sum()
     constant = hi <= lo
     # All-non-finite: lo = inf, hi = -inf; no value is counted, any bucket index will do.
     scale = torch.where(constant, 0, bins / (hi - lo))
-    position = torch.nan_to_num((values - lo) * scale, nan=0.0, posinf=0.0, neginf=0.0)
+    picked, picked_finite = (values, finite) if sample is None else (values[sample], finite[sample])
+    position = torch.nan_to_num((picked - lo) * scale, nan=0.0, posinf=0.0, neginf=0.0)
     index = position.clamp_(0, bins - 1).long()
     index = torch.where(constant, bins // 2, index)
-    index = torch.where(finite, index, bins)  # one spare bucket takes the non-finite values
+    index = torch.where(picked_finite, index, bins)  # one spare bucket takes the non-finite values
     counts = torch.zeros(bins + 1, dtype=dtype, device=x.device)
-    counts.scatter_add_(0, index, torch.ones((), dtype=dtype, device=x.device).expand(x.shape))
+    counts.scatter_add_(0, index, torch.ones((), dtype=dtype, device=x.device).expand(index.shape))
+    counts = counts[:bins]
+    if sample is not None:
+        # A sample with no finite value while the gradient has some leaves the buckets empty.
+        counts *= finite_count.to(dtype) / picked_finite.sum().clamp(min=1).to(dtype)
     head = torch.stack(
         [
             finite_count.to(dtype),
@@ -122,7 +212,7 @@ def _device_row(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
             values.abs().sum(dtype=dtype),
         ]
     )
-    return torch.cat([head, counts[:bins]])
+    return torch.cat([head, counts])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,14 +280,17 @@ class GradientHistograms:
     def bucket_limits(self) -> torch.Tensor:
         """The upper edge of every bucket of every row, ``(rows, bins)`` (rows without a finite
         value get NaN)."""
-        lo, hi = self.min.clone(), self.max.clone()
+        rows = self.rows.double().numpy()
+        lo, hi = rows[:, MIN].copy(), rows[:, MAX].copy()
         constant = hi <= lo
         lo[constant] -= 0.5
         hi[constant] += 0.5
-        fraction = torch.arange(1, self.bins + 1, dtype=torch.float64) / self.bins
-        limits = lo[:, None] + (hi - lo)[:, None] * fraction
+        fraction = np.arange(1, self.bins + 1, dtype=np.float64) / self.bins
+        with np.errstate(invalid="ignore"):  # rows without a finite value: inf - inf
+            limits = lo[:, None] + (hi - lo)[:, None] * fraction
         limits[:, -1] = hi  # exactly the maximum, whatever the rounding
-        return torch.where((self.finite > 0)[:, None], limits, math.nan)
+        limits[rows[:, FINITE] <= 0] = np.nan
+        return torch.from_numpy(limits)
 
     def edges(self, j: int) -> torch.Tensor:
         """The ``bins + 1`` bucket edges of row ``j``, increasing (empty when no finite value)."""

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from gradwatch._histograms import (
+    SAMPLE,
     GradientHistograms,
     _device_row,
+    _sample,
     histogram_rows,
 )
 
@@ -161,3 +163,58 @@ def test_non_contiguous_gradients(layout: str) -> None:
     assert not grad.is_contiguous()
     hist = GradientHistograms(histogram_rows([grad], BINS))
     _check_row(hist, 0, grad)
+
+
+def _large(generator_seed: int = 5) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(generator_seed)
+    return torch.randn(SAMPLE * 4 + 3, generator=generator) * 0.1 + 0.3
+
+
+def _assert_sampled_row(hist: GradientHistograms, grad: torch.Tensor) -> None:
+    values = grad.double().reshape(-1).numpy()
+    finite = values[np.isfinite(values)]
+    assert hist.finite[0] == len(finite)
+    assert hist.nan[0] == np.isnan(values).sum() and hist.inf[0] == np.isinf(values).sum()
+    assert hist.min[0] == finite.min() and hist.max[0] == finite.max()
+    assert float(hist.sum[0]) == pytest.approx(finite.sum(), rel=1e-4)
+    assert float(hist.sum_squares[0]) == pytest.approx((finite**2).sum(), rel=1e-4)
+    assert float(hist.sum_abs[0]) == pytest.approx(np.abs(finite).sum(), rel=1e-4)
+    counts = hist.counts[0].numpy()
+    assert counts.sum() == pytest.approx(len(finite), rel=1e-9)
+    # A sample of 65,536 values: the empirical distribution is within a few tenths of a percent
+    # of the whole one (Kolmogorov-Smirnov), far tighter than a bucket's share.
+    reference = _reference(finite, finite.min(), finite.max())
+    gap = np.abs(np.cumsum(counts) - np.cumsum(reference)).max() / len(finite)
+    assert gap < 0.01
+
+
+def test_a_large_gradient_fills_its_buckets_from_a_sample() -> None:
+    grad = _large()
+    assert grad.numel() > SAMPLE
+    _assert_sampled_row(GradientHistograms(histogram_rows([grad], BINS)), grad)
+
+
+def test_a_large_gradient_with_nan_on_the_device_path() -> None:
+    grad = _large()
+    grad[::1000] = NAN
+    grad[7] = INF
+    row = _device_row(grad, BINS, torch.float64, _sample(grad.numel(), grad.device))
+    _assert_sampled_row(GradientHistograms(row[None]), grad)
+    _assert_sampled_row(GradientHistograms(histogram_rows([grad], BINS)), grad)
+
+
+def test_sampling_is_the_same_every_step_and_leaves_the_random_state_alone() -> None:
+    grad = _large()
+    state = torch.get_rng_state()
+    first = histogram_rows([grad], BINS)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(histogram_rows([grad], BINS), first)
+
+
+def test_small_gradients_are_bucketed_exactly_together() -> None:
+    generator = torch.Generator().manual_seed(9)
+    grads = [torch.randn(n, generator=generator) * n for n in (1, 2, 33, 1000, SAMPLE)]
+    grads.insert(2, torch.full((4,), NAN))
+    hist = GradientHistograms(histogram_rows(grads, BINS))
+    for j, grad in enumerate(grads):
+        _check_row(hist, j, grad)

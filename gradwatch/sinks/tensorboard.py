@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import math
 import os
 import queue
@@ -217,6 +218,7 @@ def _scalar(tag: str, value: float) -> Any:
     return _protos().Summary.Value(tag=tag, simple_value=value)
 
 
+@functools.cache
 def _protos() -> Any:
     """TensorBoard's summary protocol buffers, imported on first use."""
     from tensorboard.compat.proto import summary_pb2  # type: ignore[import-untyped]
