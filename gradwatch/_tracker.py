@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import weakref
 
 import torch
 
 from gradwatch._compat import backward_pass_id
+
+_Event = tuple[int, "weakref.ref[torch.Tensor]", int, int]
 
 
 class GradientTracker:
@@ -26,66 +29,125 @@ class GradientTracker:
     def __init__(self, num_params: int) -> None:
         self._lock = threading.Lock()
         self._current_pass = backward_pass_id()
+        # What the hook saw, replayed into the fields below when one of them is read:
+        # (position, weak reference to the .grad, its _version, backward pass id).
+        self._events: collections.deque[_Event] = collections.deque()
+        self._replay_at = max(4096, 64 * num_params)
         self._pass_id: int | None = None
         self._position = 0
         self._sequence = 0
         # (grad, its _version then, whether an optimizer step recorded it)
         self._last: list[tuple[weakref.ref[torch.Tensor], int, bool] | None] = [None] * num_params
-        self.passes_into = [0] * num_params
+        self._passes_into = [0] * num_params
+        self._stale = [False] * num_params
+        self._received = [False] * num_params
+        self._received_count = 0
+        self._arrival = [0] * num_params
+        self._last_pass = [-1] * num_params
+        self._first_position = [-1] * num_params
+        self._backward_passes = 0
+
+    @property
+    def passes_into(self) -> list[int]:
         """Backward passes accumulated into each current ``.grad`` since it was last reset."""
-        self.stale = [False] * num_params
+        self.replay()
+        return self._passes_into
+
+    @property
+    def stale(self) -> list[bool]:
         """Whether each current ``.grad`` still holds what the last optimizer step used."""
-        self.received = [False] * num_params
+        self.replay()
+        return self._stale
+
+    @property
+    def received(self) -> list[bool]:
         """Whether each parameter has ever received a gradient."""
-        self.received_count = 0
-        self.arrival = [0] * num_params
+        self.replay()
+        return self._received
+
+    @property
+    def received_count(self) -> int:
+        self.replay()
+        return self._received_count
+
+    @property
+    def arrival(self) -> list[int]:
         """Global sequence number of each parameter's latest gradient (smaller = earlier)."""
-        self.last_pass = [-1] * num_params
+        self.replay()
+        return self._arrival
+
+    @property
+    def last_pass(self) -> list[int]:
         """Index of the backward pass that last reached each parameter."""
-        self.first_position = [-1] * num_params
+        self.replay()
+        return self._last_pass
+
+    @property
+    def first_position(self) -> list[int]:
         """Position in its first backward pass (0 = first gradient computed, nearest the loss)."""
-        self.backward_passes = 0
+        self.replay()
+        return self._first_position
+
+    @property
+    def backward_passes(self) -> int:
         """Backward passes seen that reached at least one watched parameter."""
+        self.replay()
+        return self._backward_passes
 
     def on_accumulated(self, index: int, grad: torch.Tensor) -> None:
-        # Runs once per parameter per backward pass: kept to plain list and int operations.
-        pass_id = self._current_pass()
-        version = grad._version
+        # Runs once per parameter per backward pass, possibly on an autograd worker thread: it
+        # only appends (atomic on a deque), and the bookkeeping waits for the next read.
+        self._events.append((index, weakref.ref(grad), grad._version, self._current_pass()))
+        if len(self._events) > self._replay_at:  # backward after backward with no check
+            self.replay()
+
+    def replay(self) -> None:
+        """Applies the gradients seen since the last call to the fields, in arrival order."""
+        events = self._events
+        if not events:
+            return
         with self._lock:
-            if pass_id != self._pass_id:
-                self._pass_id = pass_id
-                self._position = 0
-                self.backward_passes += 1
-            last = self._last[index]
-            if last is not None and version == last[1] + 1 and last[0]() is grad:
-                if last[2]:
-                    self.stale[index] = True
-                    self.passes_into[index] = 1
+            last_seen = self._last
+            while events:
+                index, ref, version, pass_id = events.popleft()
+                if pass_id != self._pass_id:
+                    self._pass_id = pass_id
+                    self._position = 0
+                    self._backward_passes += 1
+                last = last_seen[index]
+                # weakref.ref returns the existing reference to a live tensor: the same
+                # reference object means the same tensor.
+                if last is not None and version == last[1] + 1 and last[0] is ref:
+                    if last[2]:
+                        self._stale[index] = True
+                        self._passes_into[index] = 1
+                    else:
+                        self._passes_into[index] += 1
                 else:
-                    self.passes_into[index] += 1
-            else:
-                self.stale[index] = False
-                self.passes_into[index] = 1
-            self._last[index] = (weakref.ref(grad), version, False)
-            if not self.received[index]:
-                self.received[index] = True
-                self.received_count += 1
-                self.first_position[index] = self._position
-            self._position += 1
-            self._sequence += 1
-            self.arrival[index] = self._sequence
-            self.last_pass[index] = self.backward_passes - 1
+                    self._stale[index] = False
+                    self._passes_into[index] = 1
+                last_seen[index] = (ref, version, False)
+                if not self._received[index]:
+                    self._received[index] = True
+                    self._received_count += 1
+                    self._first_position[index] = self._position
+                self._position += 1
+                self._sequence += 1
+                self._arrival[index] = self._sequence
+                self._last_pass[index] = self._backward_passes - 1
 
     def on_stepped(self, indices: list[int], grads: list[torch.Tensor | None]) -> None:
+        self.replay()
         with self._lock:
             for index, grad in zip(indices, grads, strict=True):
-                self.stale[index] = False
-                self.passes_into[index] = 0
+                self._stale[index] = False
+                self._passes_into[index] = 0
                 self._last[index] = (
                     None if grad is None else (weakref.ref(grad), grad._version, True)
                 )
 
     def state_dict(self) -> dict[str, object]:
+        self.replay()
         return {
             "received": list(self.received),
             "first_position": list(self.first_position),
@@ -96,7 +158,8 @@ class GradientTracker:
         received = list(state["received"])  # type: ignore[call-overload]
         if len(received) != len(self.received):
             raise ValueError("state was saved for a model with a different number of parameters")
-        self.received = [bool(r) for r in received]
-        self.received_count = sum(self.received)
-        self.first_position = [int(p) for p in state["first_position"]]  # type: ignore[attr-defined]
-        self.backward_passes = int(state["backward_passes"])  # type: ignore[call-overload]
+        self.replay()
+        self._received = [bool(r) for r in received]
+        self._received_count = sum(self._received)
+        self._first_position = [int(p) for p in state["first_position"]]  # type: ignore[attr-defined]
+        self._backward_passes = int(state["backward_passes"])  # type: ignore[call-overload]

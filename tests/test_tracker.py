@@ -211,3 +211,22 @@ def test_state_dict_for_another_model_is_refused(hooked: Hooked) -> None:
     hooked.backward()
     with pytest.raises(ValueError, match="different number of parameters"):
         GradientTracker(5).load_state_dict(hooked.tracker.state_dict())
+
+
+def test_backward_after_backward_with_no_reader_keeps_a_bounded_backlog(hooked: Hooked) -> None:
+    limit = hooked.tracker._replay_at
+    for _ in range(limit // len(hooked.params) + 10):
+        hooked.backward()
+        assert len(hooked.tracker._events) <= limit
+    assert hooked.tracker.backward_passes == limit // len(hooked.params) + 10
+    assert hooked.tracker.passes_into == [limit // len(hooked.params) + 10] * 6
+
+
+def test_a_freed_gradient_is_not_mistaken_for_the_next_one(hooked: Hooked) -> None:
+    hooked.backward()
+    hooked.step()
+    for p in hooked.params:
+        p.grad = None  # freed before the tracker looked; a new tensor may reuse its address
+    hooked.backward()
+    assert hooked.tracker.stale == [False] * 6
+    assert hooked.tracker.passes_into == [1] * 6

@@ -26,17 +26,17 @@ class AccumulationDetector:
         self.accumulation_steps = accumulation_steps
 
     def check(self, ctx: CheckContext) -> list[Finding]:
-        tracker = ctx.tracker
+        is_stale, passes_into = ctx.tracker.stale, ctx.tracker.passes_into
         findings = []
-        stale = [i for i in ctx.indices if tracker.stale[i]]
+        stale = [i for i in ctx.indices if is_stale[i]]
         if stale:
             names = tuple(ctx.table.names[i] for i in by_arrival(ctx, stale))
             findings.append(Finding(Kind.MISSING_ZERO_GRAD, ctx.step, names[0], params=names))
         limit = self.accumulation_steps
-        over = [i for i in ctx.indices if tracker.passes_into[i] > limit]
+        over = [i for i in ctx.indices if passes_into[i] > limit]
         if over:
             names = tuple(ctx.table.names[i] for i in by_arrival(ctx, over))
-            passes = max(tracker.passes_into[i] for i in over)
+            passes = max(passes_into[i] for i in over)
             findings.append(
                 Finding(
                     Kind.UNEXPECTED_ACCUMULATION,

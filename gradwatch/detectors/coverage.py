@@ -47,12 +47,13 @@ class CoverageDetector:
         tracker = ctx.tracker
         table = ctx.table
         findings = []
+        received = tracker.received
         unaccounted = len(table) - tracker.received_count - len(self._reported_no_grad)
         if tracker.backward_passes >= self.no_grad_after and unaccounted > 0:
             candidates = [
                 i
                 for i in range(len(table))
-                if not tracker.received[i]
+                if not received[i]
                 and table.params[i].requires_grad
                 and i not in self._reported_no_grad
             ]
@@ -82,7 +83,7 @@ class CoverageDetector:
             orphans = [
                 i
                 for i in range(len(table))
-                if tracker.received[i] and i not in optimized and i not in self._reported_orphans
+                if received[i] and i not in optimized and i not in self._reported_orphans
             ]
             if orphans:
                 self._reported_orphans.update(orphans)
