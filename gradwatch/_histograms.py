@@ -189,7 +189,11 @@ def _device_row(
     constant = hi <= lo
     # All-non-finite: lo = inf, hi = -inf; no value is counted, any bucket index will do.
     scale = torch.where(constant, 0, bins / (hi - lo))
-    picked, picked_finite = (values, finite) if sample is None else (values[sample], finite[sample])
+    picked, picked_finite = (
+        (values, finite)
+        if sample is None
+        else (values.index_select(0, sample), finite.index_select(0, sample))
+    )
     position = torch.nan_to_num((picked - lo) * scale, nan=0.0, posinf=0.0, neginf=0.0)
     index = position.clamp_(0, bins - 1).long()
     index = torch.where(constant, bins // 2, index)
