@@ -121,13 +121,7 @@ class Monitor:
         self.histogram_bins = histogram_bins
         self.options = options
         self._on_finding = on_finding
-        complex_names = [name for name, p in named if p.is_complex()]
-        if complex_names:
-            raise GradWatchValueError(
-                f"complex parameters are not supported: {', '.join(complex_names[:5])}"
-                f"{' ...' if len(complex_names) > 5 else ''}; freeze them or keep them as real "
-                f"tensors (torch.view_as_real) to watch this model"
-            )
+        check_parameters(named)
         self._table = ParamTable.from_named(named)
         self.tracker = GradientTracker(len(self._table))
         self._tracker = self.tracker
@@ -238,7 +232,7 @@ class Monitor:
             previous_saved = dict(self._saved_steps)
             try:
                 self._load(state)
-            except (KeyError, TypeError, ValueError) as error:
+            except (AttributeError, KeyError, TypeError, ValueError) as error:
                 self._load(previous)
                 self._saved_steps = previous_saved
                 raise GradWatchValueError(
@@ -556,6 +550,25 @@ class Monitor:
     def _is_tolerated(self, finding: Finding) -> bool:
         return any(
             step == finding.step and finding.kind in kinds for step, kinds in self._tolerated
+        )
+
+
+def check_parameters(named: Sequence[tuple[str, nn.Parameter]]) -> None:
+    """Refuses parameters the statistics cannot be taken of; front ends call it before they open
+    any output, and :class:`Monitor` again."""
+    complex_names = [name for name, p in named if p.is_complex()]
+    if complex_names:
+        raise GradWatchValueError(
+            f"complex parameters are not supported: {', '.join(complex_names[:5])}"
+            f"{' ...' if len(complex_names) > 5 else ''}; freeze them or keep them as real "
+            f"tensors (torch.view_as_real) to watch this model"
+        )
+    meta_names = [name for name, p in named if p.is_meta]
+    if meta_names:
+        raise GradWatchValueError(
+            f"parameters on the meta device hold no values to check: "
+            f"{', '.join(meta_names[:5])}{' ...' if len(meta_names) > 5 else ''}; "
+            f"materialise the model first (model.to_empty(device=...), then initialise it)"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -11,6 +12,10 @@ from typing import Any
 from gradwatch.findings import Finding, GradWatchTypeError, GradWatchValueError, Kind
 
 POLICIES = ("warn", "raise", "record")
+
+MAX_HISTORY = 10_000
+"""Upper bound of ``history`` (and so of ``warmup_steps``): the detector keeps ``history`` norms
+per parameter, and a mistyped huge value would otherwise fail deep inside torch's allocator."""
 
 OnFinding = str | Callable[[Finding], Any]
 
@@ -53,8 +58,10 @@ class DetectorOptions:
         _number_above("explode_factor", self.explode_factor, 1.0)
         if self.max_grad_norm is not None:
             _number_above("max_grad_norm", self.max_grad_norm, 0.0)
-        _int_at_least("warmup_steps", self.warmup_steps, 1)
-        _int_at_least("history", self.history, self.warmup_steps, "warmup_steps")
+        _int_at_least("warmup_steps", self.warmup_steps, 1, maximum=MAX_HISTORY)
+        _int_at_least(
+            "history", self.history, self.warmup_steps, "warmup_steps", maximum=MAX_HISTORY
+        )
         _number_above("vanish_ratio", self.vanish_ratio, 0.0)
         if self.vanish_ratio >= 1.0:
             raise GradWatchValueError(
@@ -77,6 +84,7 @@ def check_on_finding(value: object) -> OnFinding:
             )
         return value
     if callable(value):
+        _check_takes_one_argument(value)
         return value
     raise GradWatchTypeError(
         f"on_finding must be one of {', '.join(map(repr, POLICIES))} or a callable taking a "
@@ -94,15 +102,54 @@ def check_log_dir(value: object) -> str | None:
                 f"log_dir must be None, a str or an os.PathLike of str, got "
                 f"{type(value).__name__} {value!r}"
             )
+        if not path:
+            raise GradWatchValueError(
+                "log_dir must be a directory (or a path where one can be created), got '' "
+                "(an empty path)"
+            )
         if os.path.exists(path) and not os.path.isdir(path):
             raise GradWatchValueError(
                 f"log_dir must be a directory (or a path where one can be created), got "
                 f"{path!r}, which is an existing file"
             )
+        blocking = _existing_file_above(path)
+        if blocking is not None:
+            raise GradWatchValueError(
+                f"log_dir must be a directory (or a path where one can be created), got "
+                f"{path!r}, which lies under the existing file {blocking!r}"
+            )
         return path
     raise GradWatchTypeError(
         f"log_dir must be None, a str or an os.PathLike, got {type(value).__name__} {value!r}"
     )
+
+
+def _existing_file_above(path: str) -> str | None:
+    """The nearest existing ancestor of ``path`` if it is not a directory (nothing is created)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        above = os.path.dirname(parent)
+        if above == parent:
+            return None
+        parent = above
+    return None if os.path.isdir(parent) else parent
+
+
+def _check_takes_one_argument(policy: Callable[..., Any]) -> None:
+    """Refuses, at ``watch()`` rather than at the first finding, a callable that cannot be called
+    with one Finding."""
+    try:
+        signature = inspect.signature(policy)
+    except (TypeError, ValueError):
+        return  # some builtins have no signature to read: trust them
+    try:
+        signature.bind(None)
+    except TypeError:
+        name = getattr(policy, "__qualname__", type(policy).__name__)
+        raise GradWatchTypeError(
+            f"on_finding must be one of {', '.join(map(repr, POLICIES))} or a callable taking a "
+            f"Finding, got {name}{signature}, which cannot be called with one argument"
+        ) from None
 
 
 def _kinds(name: str, value: object) -> frozenset[Kind]:
@@ -116,14 +163,20 @@ def _kinds(name: str, value: object) -> frozenset[Kind]:
         ) from None
 
 
-def _int_at_least(name: str, value: object, minimum: int, minimum_name: str | None = None) -> None:
+def _int_at_least(
+    name: str,
+    value: object,
+    minimum: int,
+    minimum_name: str | None = None,
+    *,
+    maximum: int | None = None,
+) -> None:
     bound = f"{minimum_name} ({minimum})" if minimum_name else str(minimum)
+    allowed = f"an int >= {bound}" + (f" and <= {maximum}" if maximum is not None else "")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise GradWatchTypeError(
-            f"{name} must be an int >= {bound}, got {type(value).__name__} {value!r}"
-        )
-    if value < minimum:
-        raise GradWatchValueError(f"{name} must be an int >= {bound}, got {value!r}")
+        raise GradWatchTypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise GradWatchValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _number_above(name: str, value: object, minimum: float) -> None:

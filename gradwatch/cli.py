@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from gradwatch._version import __version__
 from gradwatch.findings import Kind
-from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME
+from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME, SCHEMA_VERSION
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -102,7 +102,17 @@ def _kinds(text: str) -> frozenset[str]:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from gradwatch._demo import run_demo
+    from gradwatch._options import check_log_dir
+    from gradwatch.findings import GradWatchError
 
+    try:
+        check_log_dir(args.log_dir)
+        os.makedirs(args.log_dir, exist_ok=True)
+    except GradWatchError as error:
+        raise _BadInput(str(error).replace("log_dir", "--log-dir", 1)) from None
+    except OSError as error:
+        reason = error.strerror or error
+        raise _BadInput(f"--log-dir {args.log_dir!r} could not be created: {reason}") from None
     results = run_demo(args.log_dir, steps=args.steps)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FINDINGS
 
@@ -112,12 +122,17 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def load_runs(root: str, warn: TextIO | None = None) -> dict[str, list[dict[str, Any]]]:
     """Every findings log under ``root``: run directory (relative to ``root``) -> its records."""
+    if not root:
+        raise _BadInput("LOG_DIR is empty; give the directory the findings logs are under")
     base = Path(root)
     if not base.exists():
         raise _BadInput(f"{root}: no such directory")
     if not base.is_dir():
         raise _BadInput(f"{root}: not a directory")
-    logs = sorted(base.rglob(FINDINGS_LOG_NAME))
+    try:
+        logs = sorted(base.rglob(FINDINGS_LOG_NAME))
+    except OSError as error:
+        raise _BadInput(f"{root}: could not be searched: {error}") from None
     if not logs:
         raise _BadInput(f"{root}: no {FINDINGS_LOG_NAME} found (was gradwatch given a log_dir?)")
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -129,24 +144,49 @@ def load_runs(root: str, warn: TextIO | None = None) -> dict[str, list[dict[str,
 
 def _read_log(path: Path, warn: TextIO) -> list[dict[str, Any]]:
     records = []
-    with open(path, encoding="utf-8", errors="replace") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-                Kind(record["kind"])
-                int(record["step"])
-            except (ValueError, KeyError, TypeError) as error:
-                print(
-                    f"gradwatch report: skipped {path}:{number}: unreadable finding ({error})",
-                    file=warn,
-                )
-                continue
-            records.append(record)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = list(file)
+    except OSError as error:
+        # A log that cannot be read is not skipped: --fail-on would pass on findings it never saw.
+        raise _BadInput(f"{path}: could not be read: {error.strerror or error}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = _check_record(json.loads(line))
+        except (ValueError, KeyError, TypeError) as error:
+            print(
+                f"gradwatch report: skipped {path}:{number}: unreadable finding ({error})",
+                file=warn,
+            )
+            continue
+        if record["schema"] > SCHEMA_VERSION:
+            raise _BadInput(
+                f"{path}:{number}: written with findings-log schema {record['schema']}, newer "
+                f"than the schema {SCHEMA_VERSION} this gradwatch ({__version__}) reads; "
+                f"upgrade gradwatch"
+            )
+        records.append(record)
     return records
+
+
+def _check_record(record: object) -> dict[str, Any]:
+    """``record`` if it has the fields the report reads, with the types schema 1 gives them."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    for field, minimum in (("schema", 1), ("step", 0)):
+        value = record.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+    Kind(record["kind"])
+    param = record.get("param")
+    params = record.get("params", [])
+    if param is not None and not isinstance(param, str):
+        raise ValueError(f"param must be a string or null, got {param!r}")
+    if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+        raise ValueError(f"params must be a list of strings, got {params!r}")
+    return record
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -62,7 +62,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradwatch import _options
-from gradwatch._monitor import Monitor, _finding_from_dict, _finding_to_dict, format_summary
+from gradwatch._monitor import (
+    Monitor,
+    _finding_from_dict,
+    _finding_to_dict,
+    check_parameters,
+    format_summary,
+)
 from gradwatch.findings import (
     Finding,
     GradientError,
@@ -136,9 +142,9 @@ class GradWatchCallback(_CallbackBase):
             ``vanish_steps``, ``ignore``.
 
     Raises:
-        GradWatchTypeError, GradWatchValueError: A bad argument (at construction), or at the
-            start of ``fit`` a module with no trainable parameters or no optimizer over any of
-            them.
+        GradWatchTypeError, GradWatchValueError: A bad argument (at construction); or at the
+            start of ``fit`` a module with no trainable parameters, with complex or meta-device
+            ones, with no optimizer over any of them, or a log directory that cannot be created.
     """
 
     def __init__(
@@ -250,17 +256,30 @@ class GradWatchCallback(_CallbackBase):
         """Restore what :meth:`state_dict` saved; applied when ``fit`` (re)starts.
 
         Raises:
+            GradWatchTypeError: ``state_dict`` is not a dict.
             GradWatchValueError: ``state_dict`` was not saved by this callback's version; or
                 (at the start of ``fit``) it was saved for another model or other options.
         """
-        if not isinstance(state_dict, dict) or state_dict.get("version") != _STATE_VERSION:
+        if not isinstance(state_dict, dict):
+            raise GradWatchTypeError(
+                f"state_dict must be a dict from GradWatchCallback.state_dict(), got "
+                f"{type(state_dict).__name__}"
+            )
+        if state_dict.get("version") != _STATE_VERSION:
             raise GradWatchValueError(
                 f"state_dict must come from GradWatchCallback.state_dict() (version "
-                f"{_STATE_VERSION}), got {type(state_dict).__name__} "
-                f"{str(state_dict.get('version') if isinstance(state_dict, dict) else '')!r}"
+                f"{_STATE_VERSION}), got version {state_dict.get('version')!r}"
             )
-        findings = [_finding_from_dict(d) for d in state_dict["findings"]]
-        monitor = state_dict["monitor"]
+        try:
+            findings = [_finding_from_dict(d) for d in state_dict["findings"]]
+            monitor = state_dict["monitor"]
+            if monitor is not None and not isinstance(monitor, dict):
+                raise TypeError(f"'monitor' is {type(monitor).__name__}, not a dict")
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise GradWatchValueError(
+                f"state_dict could not be read; it must come from GradWatchCallback.state_dict(): "
+                f"{error!r}"
+            ) from error
         if self._monitor is not None and monitor is not None:
             self._monitor.load_state_dict(monitor)
         else:
@@ -297,6 +316,7 @@ class GradWatchCallback(_CallbackBase):
                 f"GradWatchCallback: {type(pl_module).__name__} has no trainable parameters "
                 f"(none with requires_grad=True) to watch"
             )
+        check_parameters(named)
         optimizers = list(trainer.optimizers)
         optimized = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
         if not any(id(p) in optimized for _, p in named):
@@ -314,17 +334,18 @@ class GradWatchCallback(_CallbackBase):
         self._logger = logging.getLogger(_namespace(trainer))
         accumulation = self.accumulation_steps or int(trainer.accumulate_grad_batches)
         sinks = self._open_outputs(trainer)  # on every rank: trainer.log_dir is a collective
-        monitor = Monitor(
-            named,
-            optimizers,
-            accumulation_steps=accumulation,
-            options=self.options,
-            on_finding=self._queue,
-            sinks=sinks,
-            histogram_every=self.histogram_every,
-            ratio_every=RATIO_EVERY,
-        )
+        monitor: Monitor | None = None
         try:
+            monitor = Monitor(
+                named,
+                optimizers,
+                accumulation_steps=accumulation,
+                options=self.options,
+                on_finding=self._queue,
+                sinks=sinks,
+                histogram_every=self.histogram_every,
+                ratio_every=RATIO_EVERY,
+            )
             if resume and self._saved is not None:
                 monitor.load_state_dict(self._saved)
             self._registry.add_param_hooks([p for _, p in named], monitor.tracker.on_accumulated)
@@ -332,7 +353,8 @@ class GradWatchCallback(_CallbackBase):
                 self._registry.add_step_post_hook(optimizer, self._on_step)
         except BaseException:
             self._registry.remove()
-            monitor.close()
+            if monitor is not None:
+                monitor.close()
             self._close_outputs()
             raise
         self._monitor = monitor
@@ -499,7 +521,14 @@ class GradWatchCallback(_CallbackBase):
             )
         else:
             assert directory is not None
-            sink = TensorBoardSink(directory, param_every=RATIO_EVERY)
+            try:
+                sink = TensorBoardSink(directory, param_every=RATIO_EVERY)
+            except OSError as error:
+                raise GradWatchValueError(
+                    f"GradWatchCallback: log_dir {directory!r} could not be created or written: "
+                    f"{error.strerror or error}; pass a writable directory, or log_dir=False for "
+                    f"no files"
+                ) from error
             self._logger.info(
                 "gradwatch: writing gradient statistics and findings to %s "
                 "(tensorboard --logdir %s)",

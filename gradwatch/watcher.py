@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradwatch import _options
-from gradwatch._monitor import Monitor
+from gradwatch._monitor import Monitor, check_parameters
 from gradwatch.findings import (
     Finding,
     GradWatchTypeError,
@@ -61,7 +61,8 @@ def watch(
         accumulation_steps: Backward passes you mean to accumulate per optimizer step.
         on_finding: ``"warn"`` (a :class:`GradWatchWarning`, once per kind and parameter),
             ``"raise"`` (a :class:`GradientError`), ``"record"`` (only kept in
-            :attr:`Watcher.findings`), or a callable that receives each :class:`Finding`.
+            :attr:`Watcher.findings`), or a callable that receives each :class:`Finding`
+            (it must accept one argument).
         **detector_options: Thresholds; see the README for each one's meaning and default:
             ``no_grad_after``, ``explode_factor``, ``max_grad_norm``, ``warmup_steps``,
             ``history``, ``vanish_ratio``, ``vanish_steps``, ``ignore``.
@@ -71,8 +72,9 @@ def watch(
 
     Raises:
         GradWatchTypeError: An argument has the wrong type.
-        GradWatchValueError: An argument has a value that is not allowed, or ``model`` is
-            already watched.
+        GradWatchValueError: An argument has a value that is not allowed, ``model`` is already
+            watched or has no parameters gradwatch can watch (none trainable, complex or on the
+            meta device), or ``log_dir`` cannot be created (the ``OSError`` is the cause).
 
     Example:
         >>> import torch, gradwatch
@@ -102,7 +104,8 @@ class Watcher:
     """Watches one model's gradients; created by :func:`watch`, which documents the arguments.
 
     Attributes are read-only views; the watcher writes nothing onto the model, its parameters or
-    the optimizers, and :meth:`close` removes every hook it added.
+    the optimizers, and :meth:`close` removes every hook it added. A watcher serves one
+    with-block; once closed, it still answers but watches nothing.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class Watcher:
                 f"model has no trainable parameters (none with requires_grad=True) to watch: "
                 f"{type(model).__name__}"
             )
+        check_parameters(named)
         watched = {id(p) for _, p in named}
         for number, opt in enumerate(optimizers):
             if not any(id(p) in watched for g in opt.param_groups for p in g["params"]):
@@ -147,7 +151,7 @@ class Watcher:
                     f"whichever optimizer steps its parameters"
                 )
 
-        sink_list = list(sinks)
+        sink_list = _check_sinks(sinks)
         self._registry = HookRegistry()
         self._model = weakref.ref(model)
         self._closed = False
@@ -160,11 +164,7 @@ class Watcher:
             _open_watchers[model] = self
         try:
             if self.log_dir is not None:
-                from gradwatch.sinks.jsonl import FindingsLog
-                from gradwatch.sinks.tensorboard import TensorBoardSink
-
-                tensorboard = TensorBoardSink(self.log_dir, writer=writer, param_every=RATIO_EVERY)
-                sink_list += [tensorboard, FindingsLog(self.log_dir)]
+                sink_list += _open_log_dir(self.log_dir, writer)
             self._monitor = Monitor(
                 named,
                 optimizers,
@@ -253,6 +253,12 @@ class Watcher:
                     del _open_watchers[model]
 
     def __enter__(self) -> Watcher:
+        """The watcher itself; a closed one raises :class:`GradWatchValueError`."""
+        if self._closed:
+            raise GradWatchValueError(
+                "this Watcher is closed (its hooks are removed), so a with-block over it would "
+                "watch nothing; call gradwatch.watch() again for a new one"
+            )
         return self
 
     def __exit__(
@@ -299,14 +305,60 @@ def _check_optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
             f"an empty {type(optimizer).__name__}"
         )
     checked: list[torch.optim.Optimizer] = []
-    for item in items:
+    for number, item in enumerate(items):
         if not isinstance(item, torch.optim.Optimizer):
             raise GradWatchTypeError(
                 f"optimizer must be a torch.optim.Optimizer, a list of them, or None; got "
                 f"{type(item).__name__} {item!r:.80}"
             )
+        for earlier, seen in enumerate(checked):
+            if seen is item:
+                # Its hooks would run twice per step: every step would count twice.
+                raise GradWatchValueError(
+                    f"optimizer must list each optimizer once; got the same "
+                    f"{type(item).__name__} at positions {earlier} and {number}"
+                )
         checked.append(item)
     return checked
+
+
+def _check_sinks(sinks: object) -> list[Sink]:
+    if not isinstance(sinks, (list, tuple)):
+        raise GradWatchTypeError(
+            f"sinks must be a list or tuple of sinks, got {type(sinks).__name__} {sinks!r:.80}"
+        )
+    for sink in sinks:
+        missing = [m for m in _SINK_METHODS if not callable(getattr(sink, m, None))]
+        if missing:
+            raise GradWatchTypeError(
+                f"sinks must hold objects with the methods {', '.join(_SINK_METHODS)}; got "
+                f"{type(sink).__name__} {sink!r:.80}, which lacks {', '.join(missing)}"
+            )
+    return list(sinks)
+
+
+_SINK_METHODS = ("write_check", "write_finding", "flush", "close")
+
+
+def _open_log_dir(log_dir: str, writer: Any) -> list[Sink]:
+    """The TensorBoard sink and the findings log under ``log_dir``; an OS error names the path."""
+    from gradwatch.sinks.jsonl import FindingsLog
+    from gradwatch.sinks.tensorboard import TensorBoardSink
+
+    opened: list[Sink] = []
+    try:
+        opened.append(TensorBoardSink(log_dir, writer=writer, param_every=RATIO_EVERY))
+        opened.append(FindingsLog(log_dir))
+    except BaseException as error:
+        for sink in opened:
+            sink.close()
+        if isinstance(error, OSError):
+            raise GradWatchValueError(
+                f"log_dir {log_dir!r} could not be created or written: "
+                f"{error.strerror or error}; pass a writable directory, or None for no files"
+            ) from error
+        raise
+    return opened
 
 
 def _trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

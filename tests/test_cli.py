@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import gradwatch
-from gradwatch.cli import EXIT_BAD_INPUT, EXIT_FINDINGS, EXIT_OK, main
+from gradwatch.cli import EXIT_FINDINGS, EXIT_OK, main
 from gradwatch.findings import Finding, Kind
 from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME, FindingsLog
 
@@ -71,32 +71,8 @@ def test_findings_log_schema(tmp_path: Path) -> None:
     assert isinstance(record["wall_time"], float)
 
 
-@pytest.mark.parametrize(
-    ("setup", "args", "message"),
-    [
-        ("missing", ["report", "{d}/nope"], "no such directory"),
-        ("empty", ["report", "{d}"], "no gradwatch-findings.jsonl found"),
-        ("file", ["report", "{d}/file.txt"], "not a directory"),
-    ],
-)
-def test_report_bad_input(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str, args: list[str], message: str
-) -> None:
-    (tmp_path / "file.txt").write_text("x")
-    assert main([a.format(d=tmp_path) for a in args]) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err
-    assert message in err
-    assert "Traceback" not in err
-
-
-def test_unknown_fail_on_kind_is_a_usage_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    write_log(tmp_path, [NAN])
-    with pytest.raises(SystemExit) as exit_info:
-        main(["report", str(tmp_path), "--fail-on", "nan,bogus"])
-    assert exit_info.value.code == EXIT_BAD_INPUT
-    assert "unknown kind(s) bogus" in capsys.readouterr().err
+# Bad input (missing, empty or unreadable directories and logs, newer schemas, unknown kinds,
+# bad flags): the table of tests/test_entry_points.py.
 
 
 def test_corrupt_and_truncated_lines_are_skipped_with_a_warning(

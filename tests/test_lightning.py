@@ -515,28 +515,7 @@ def test_pickle_and_deepcopy_between_fits(lpl: ModuleType, tmp_path: pathlib.Pat
 # ---------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize(
-    ("options", "error", "match"),
-    [
-        ({"explode_factr": 10.0}, TypeError, r"GradWatchCallback\(\) got unknown option"),
-        ({"on_finding": "ignore"}, ValueError, "on_finding must be one of"),
-        ({"histogram_every": -1}, ValueError, "histogram_every must be an int >= 0"),
-        ({"accumulation_steps": 0}, ValueError, "accumulation_steps must be an int >= 1"),
-        ({"accumulation_steps": 2.0}, TypeError, "accumulation_steps must be an int"),
-        ({"log_dir": 3}, TypeError, "log_dir must be None"),
-        ({"warmup_steps": 8, "history": 4}, ValueError, "history must be an int >= warmup"),
-    ],
-)
-def test_bad_arguments(options: dict[str, Any], error: type[Exception], match: str) -> None:
-    with pytest.raises(error, match=match) as raised:
-        GradWatchCallback(**options)
-    assert isinstance(raised.value, GradWatchError)
-
-
-def test_log_dir_that_is_a_file(tmp_path: pathlib.Path) -> None:
-    (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match="existing file"):
-        GradWatchCallback(log_dir=tmp_path / "file")
+# Bad constructor arguments: the table of tests/test_entry_points.py.
 
 
 def test_module_without_trainable_parameters(lpl: ModuleType, tmp_path: pathlib.Path) -> None:

@@ -15,7 +15,7 @@ import gradwatch
 from gradwatch import Kind
 from gradwatch._options import DetectorOptions
 from gradwatch.findings import GradWatchTypeError, GradWatchValueError
-from tests.helpers.contract import attribute_names, hook_counts, run_steps
+from tests.helpers.contract import hook_counts, run_steps
 from tests.helpers.models import mlp
 
 
@@ -29,162 +29,8 @@ def optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.01)
 
 
-# (keyword arguments of watch(), error type, pattern naming argument, allowed values, received)
-BAD_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
-    ({"accumulation_steps": 0}, ValueError, r"accumulation_steps must be an int >= 1, got 0"),
-    ({"accumulation_steps": -1}, ValueError, r"accumulation_steps must be an int >= 1, got -1"),
-    (
-        {"accumulation_steps": 1.5},
-        TypeError,
-        r"accumulation_steps must be an int >= 1, got float 1\.5",
-    ),
-    (
-        {"accumulation_steps": True},
-        TypeError,
-        r"accumulation_steps must be an int >= 1, got bool True",
-    ),
-    (
-        {"on_finding": "explode"},
-        ValueError,
-        r"on_finding must be one of 'warn', 'raise', 'record' or a callable taking a Finding, "
-        r"got 'explode'",
-    ),
-    (
-        {"on_finding": 3},
-        TypeError,
-        r"on_finding must be one of 'warn', 'raise', 'record' or a callable .*got int 3",
-    ),
-    ({"on_finding": None}, TypeError, r"on_finding must be one of .*got NoneType None"),
-    ({"histogram_every": -1}, ValueError, r"histogram_every must be an int >= 0, got -1"),
-    ({"histogram_every": 2.0}, TypeError, r"histogram_every must be an int >= 0, got float 2\.0"),
-    (
-        {"log_dir": 3},
-        TypeError,
-        r"log_dir must be None, a str or an os\.PathLike, got int 3",
-    ),
-    (
-        {"log_dir": b"runs"},
-        TypeError,
-        r"log_dir must be None, a str or an os\.PathLike, got bytes b'runs'",
-    ),
-    (
-        {"no_grad_afterr": 3},
-        TypeError,
-        r"unknown option\(s\) 'no_grad_afterr'; detector options are: no_grad_after, "
-        r"explode_factor, max_grad_norm, warmup_steps, history, vanish_ratio, vanish_steps, ignore",
-    ),
-    ({"sinks": []}, TypeError, r"unknown option\(s\) 'sinks'"),
-    ({"no_grad_after": 0}, ValueError, r"no_grad_after must be an int >= 1, got 0"),
-    ({"no_grad_after": 2.5}, TypeError, r"no_grad_after must be an int >= 1, got float 2\.5"),
-    ({"explode_factor": 1.0}, ValueError, r"explode_factor must be a finite number > 1, got 1\.0"),
-    ({"explode_factor": 0.5}, ValueError, r"explode_factor must be a finite number > 1, got 0\.5"),
-    (
-        {"explode_factor": float("inf")},
-        ValueError,
-        r"explode_factor must be a finite number > 1, got inf",
-    ),
-    (
-        {"explode_factor": float("nan")},
-        ValueError,
-        r"explode_factor must be a finite number > 1, got nan",
-    ),
-    (
-        {"explode_factor": "10"},
-        TypeError,
-        r"explode_factor must be a number > 1, got str '10'",
-    ),
-    ({"max_grad_norm": 0.0}, ValueError, r"max_grad_norm must be a finite number > 0, got 0\.0"),
-    ({"max_grad_norm": -1}, ValueError, r"max_grad_norm must be a finite number > 0, got -1"),
-    ({"warmup_steps": 0}, ValueError, r"warmup_steps must be an int >= 1, got 0"),
-    ({"warmup_steps": 1.5}, TypeError, r"warmup_steps must be an int >= 1, got float 1\.5"),
-    (
-        {"history": 3},
-        ValueError,
-        r"history must be an int >= warmup_steps \(5\), got 3",
-    ),
-    (
-        {"warmup_steps": 10, "history": 9},
-        ValueError,
-        r"history must be an int >= warmup_steps \(10\), got 9",
-    ),
-    ({"vanish_ratio": 0.0}, ValueError, r"vanish_ratio must be a finite number > 0, got 0\.0"),
-    ({"vanish_ratio": -0.5}, ValueError, r"vanish_ratio must be a finite number > 0, got -0\.5"),
-    ({"vanish_ratio": 1.0}, ValueError, r"vanish_ratio must be a number in \(0, 1\), got 1\.0"),
-    ({"vanish_ratio": 2}, ValueError, r"vanish_ratio must be a number in \(0, 1\), got 2"),
-    ({"vanish_steps": 0}, ValueError, r"vanish_steps must be an int >= 1, got 0"),
-    ({"vanish_steps": True}, TypeError, r"vanish_steps must be an int >= 1, got bool True"),
-    (
-        {"ignore": ["nan", "nonsense"]},
-        ValueError,
-        r"ignore must be kinds \(or their names\) among missing_zero_grad, "
-        r"unexpected_accumulation, nan, inf, exploding, vanishing, no_grad, not_in_optimizer, "
-        r"got \['nan', 'nonsense'\]",
-    ),
-    ({"ignore": "NaN"}, ValueError, r"ignore must be kinds .*got 'NaN'"),
-    ({"ignore": 5}, ValueError, r"ignore must be kinds .*got 5"),
-]
-
-
-def _ids(case: tuple[dict[str, Any], type[Exception], str]) -> str:
-    return ",".join(f"{k}={v!r}" for k, v in case[0].items())
-
-
-@pytest.mark.parametrize(("options", "error", "match"), BAD_OPTIONS, ids=map(_ids, BAD_OPTIONS))
-def test_bad_option_is_rejected_and_leaves_nothing_behind(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    tmp_path: pathlib.Path,
-    options: dict[str, Any],
-    error: type[Exception],
-    match: str,
-) -> None:
-    before = hook_counts(model, optimizer)
-    attributes = attribute_names(model, optimizer)
-    log_dir = tmp_path / "runs"
-    if "log_dir" not in options:
-        options = {**options, "log_dir": log_dir}
-
-    with pytest.raises(error, match=match) as raised:
-        gradwatch.watch(model, optimizer, **options)
-
-    assert isinstance(raised.value, gradwatch.GradWatchError)
-    assert hook_counts(model, optimizer) == before
-    assert attribute_names(model, optimizer) == attributes
-    assert not log_dir.exists()  # no event file for a watcher that never started
-    with gradwatch.watch(model, optimizer, on_finding="record") as watcher:
-        run_steps(model, optimizer, 2)
-    assert watcher.step == 2
-
-
-# (model, error type, pattern)
-BAD_MODELS: list[tuple[object, type[Exception], str]] = [
-    ("a string", TypeError, r"model must be a torch\.nn\.Module, got str 'a string'"),
-    (None, TypeError, r"model must be a torch\.nn\.Module, got NoneType None"),
-    (
-        torch.nn.Parameter(torch.ones(3)),
-        TypeError,
-        r"model must be a torch\.nn\.Module, got Parameter",
-    ),
-    (
-        nn.ReLU(),
-        ValueError,
-        r"model has no trainable parameters \(none with requires_grad=True\) to watch: ReLU",
-    ),
-    (
-        nn.Linear(3, 3).requires_grad_(False),
-        ValueError,
-        r"model has no trainable parameters \(none with requires_grad=True\) to watch: Linear",
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    ("bad_model", "error", "match"), BAD_MODELS, ids=["str", "None", "tensor", "relu", "frozen"]
-)
-def test_bad_model_is_rejected(bad_model: object, error: type[Exception], match: str) -> None:
-    with pytest.raises(error, match=match) as raised:
-        gradwatch.watch(bad_model)  # type: ignore[arg-type]
-    assert isinstance(raised.value, gradwatch.GradWatchError)
+# Bad arguments of every entry point, one table for watch() and GradWatchCallback(): see
+# tests/test_entry_points.py.
 
 
 def test_frozen_model_leaves_no_hooks_and_is_watchable_once_unfrozen() -> None:
@@ -196,52 +42,6 @@ def test_frozen_model_leaves_no_hooks_and_is_watchable_once_unfrozen() -> None:
     model.requires_grad_(True)
     with gradwatch.watch(model) as watcher:
         assert watcher.param_names == ["weight", "bias"]
-
-
-# (optimizer argument, error type, pattern)
-BAD_OPTIMIZERS: list[tuple[object, type[Exception], str]] = [
-    (
-        [],
-        ValueError,
-        r"optimizer must be a torch\.optim\.Optimizer, a non-empty list of them, or None; got an "
-        r"empty list",
-    ),
-    ((), ValueError, r"optimizer must be .*non-empty list.*got an empty tuple"),
-    ("sgd", TypeError, r"optimizer must be a torch\.optim\.Optimizer, a list of them, or None; "),
-    (0.01, TypeError, r"optimizer must be a torch\.optim\.Optimizer.*got float 0\.01"),
-    ({"lr": 0.1}, TypeError, r"optimizer must be a torch\.optim\.Optimizer.*got dict"),
-]
-
-
-@pytest.mark.parametrize(
-    ("bad", "error", "match"), BAD_OPTIMIZERS, ids=["[]", "()", "str", "float", "dict"]
-)
-def test_bad_optimizer_is_rejected(
-    model: nn.Module, bad: object, error: type[Exception], match: str
-) -> None:
-    before = hook_counts(model)
-    with pytest.raises(error, match=match) as raised:
-        gradwatch.watch(model, bad)  # type: ignore[arg-type]
-    assert isinstance(raised.value, gradwatch.GradWatchError)
-    assert hook_counts(model) == before
-
-
-def test_bad_optimizer_in_a_list_is_rejected_without_hooking_the_good_one(
-    model: nn.Module, optimizer: torch.optim.Optimizer
-) -> None:
-    before = hook_counts(model, optimizer)
-    with pytest.raises(TypeError, match=r"optimizer must be .*got str 'adam'"):
-        gradwatch.watch(model, [optimizer, "adam"])  # type: ignore[list-item]
-    assert hook_counts(model, optimizer) == before
-
-
-def test_log_dir_that_is_a_file_is_rejected(model: nn.Module, tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "events.txt"
-    path.write_text("not a directory")
-    with pytest.raises(ValueError, match=r"log_dir must be a directory .*events\.txt") as raised:
-        gradwatch.watch(model, log_dir=path)
-    assert isinstance(raised.value, gradwatch.GradWatchError)
-    assert path.read_text() == "not a directory"
 
 
 @pytest.mark.parametrize("log_dir", ["str", "path"])

@@ -449,6 +449,8 @@ def test_state_dict_keeps_detector_history(
             r"state was saved for a model with different parameters",
         ),
         ({"detectors": []}, ValueError, r"state could not be loaded into this watcher"),
+        ({"steps": None}, ValueError, r"state could not be loaded into this watcher"),
+        ({"findings": [{"kind": "bogus"}]}, ValueError, r"could not be loaded.*'bogus'"),
     ],
 )
 def test_load_state_dict_rejects_foreign_state_and_keeps_its_own(
