@@ -117,3 +117,54 @@ def test_a_due_histogram_or_finding_copies_at_most_once(tmp_path: Path) -> None:
         for _ in range(2):
             assert _synchronisations(lambda: _step(model, optimizer, x, y)) <= 1
     assert [f.kind for f in watcher.findings][:1] == [gradwatch.Kind.NAN]
+
+
+def _lightning_fit(precision: str, nan: bool, steps: int) -> tuple[object, int]:
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradwatch.lightning import GradWatchCallback
+
+    class Regressor(pl.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self.model(x).float(), y)
+            if nan:
+                loss = loss * torch.log(torch.zeros((), device=loss.device))  # -inf * 0: NaN
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
+    callback = GradWatchCallback(on_finding="record", log_dir=False)
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Regressor(), torch.utils.data.DataLoader(data, batch_size=16))
+    return callback, trainer.global_step
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_lightning_mixed_precision_on_cuda_is_silent_when_healthy(precision: str) -> None:
+    callback, _ = _lightning_fit(precision, nan=False, steps=30)
+    assert callback.findings == []  # type: ignore[attr-defined]
+    assert callback.step > 0  # type: ignore[attr-defined]
+
+
+def test_lightning_16_mixed_on_cuda_reports_a_nan_loss_once() -> None:
+    callback, _ = _lightning_fit("16-mixed", nan=True, steps=24)
+    # GradScaler skips every step; gradwatch tolerates that while the scale backs off, then
+    # reports the NaN once the scale can no longer explain it.
+    assert [f.kind for f in callback.findings] == [gradwatch.Kind.NAN]  # type: ignore[attr-defined]
+    assert callback.step == 0  # type: ignore[attr-defined]
