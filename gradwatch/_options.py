@@ -6,13 +6,16 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from gradwatch.findings import Finding, GradWatchTypeError, GradWatchValueError, Kind
 
 POLICIES = ("warn", "raise", "record")
 
 OnFinding = str | Callable[[Finding], Any]
+
+OnNonFinite = Literal["report", "skip"]
+NONFINITE_POLICIES: tuple[OnNonFinite, ...] = ("report", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +84,21 @@ def check_on_finding(value: object) -> OnFinding:
     raise GradWatchTypeError(
         f"on_finding must be one of {', '.join(map(repr, POLICIES))} or a callable taking a "
         f"Finding, got {type(value).__name__} {value!r}"
+    )
+
+
+def check_on_nonfinite(value: object) -> OnNonFinite:
+    allowed = " or ".join(map(repr, NONFINITE_POLICIES))
+    if not isinstance(value, str):
+        raise GradWatchTypeError(
+            f"on_nonfinite must be {allowed} (a str), got {type(value).__name__} {value!r}"
+        )
+    for policy in NONFINITE_POLICIES:
+        if value == policy:
+            return policy
+    raise GradWatchValueError(
+        f"on_nonfinite must be {allowed}: 'report' reports NaN/Inf gradients and lets the "
+        f"optimizer step with them, 'skip' also skips that step; got {value!r}"
     )
 
 

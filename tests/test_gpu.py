@@ -117,3 +117,27 @@ def test_a_due_histogram_or_finding_copies_at_most_once(tmp_path: Path) -> None:
         for _ in range(2):
             assert _synchronisations(lambda: _step(model, optimizer, x, y)) <= 1
     assert [f.kind for f in watcher.findings][:1] == [gradwatch.Kind.NAN]
+
+
+def test_skip_on_cuda_reports_and_skips_at_the_step_itself() -> None:
+    # on_nonfinite="skip" needs the answer before the optimizer runs: the check waits for its
+    # statistics (a synchronisation) instead of reading them a step later.
+    model, optimizer, x, y = _setup()
+    with gradwatch.watch(model, optimizer, on_finding="record", on_nonfinite="skip") as watcher:
+        for _ in range(3):
+            _step(model, optimizer, x, y)
+        torch.cuda.synchronize()
+        for step in range(3, 8):
+            assert _synchronisations(lambda: _step(model, optimizer, x, y)) <= 1, step
+        before = [p.detach().clone() for p in model.parameters()]
+        _step(model, optimizer, x, y, poison=True)
+        # Reported during step 8 itself, and nothing moved.
+        assert [(f.kind, f.step) for f in watcher.findings] == [
+            (gradwatch.Kind.NAN, 8),
+            (gradwatch.Kind.SKIPPED_STEP, 8),
+        ]
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        _step(model, optimizer, x, y)
+        assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert len(watcher.findings) == 2

@@ -55,6 +55,19 @@ BAD_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
         r"on_finding must be one of 'warn', 'raise', 'record' or a callable .*got int 3",
     ),
     ({"on_finding": None}, TypeError, r"on_finding must be one of .*got NoneType None"),
+    (
+        {"on_nonfinite": "drop"},
+        ValueError,
+        r"on_nonfinite must be 'report' or 'skip': 'report' reports NaN/Inf gradients and lets "
+        r"the optimizer step with them, 'skip' also skips that step; got 'drop'",
+    ),
+    ({"on_nonfinite": "Skip"}, ValueError, r"on_nonfinite must be 'report' or 'skip'.*got 'Skip'"),
+    (
+        {"on_nonfinite": True},
+        TypeError,
+        r"on_nonfinite must be 'report' or 'skip' \(a str\), got bool True",
+    ),
+    ({"on_nonfinite": None}, TypeError, r"on_nonfinite must be .*got NoneType None"),
     ({"histogram_every": -1}, ValueError, r"histogram_every must be an int >= 0, got -1"),
     ({"histogram_every": 2.0}, TypeError, r"histogram_every must be an int >= 0, got float 2\.0"),
     (
@@ -118,7 +131,7 @@ BAD_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
         ValueError,
         r"ignore must be kinds \(or their names\) among missing_zero_grad, "
         r"unexpected_accumulation, nan, inf, exploding, vanishing, no_grad, not_in_optimizer, "
-        r"got \['nan', 'nonsense'\]",
+        r"skipped_step, got \['nan', 'nonsense'\]",
     ),
     ({"ignore": "NaN"}, ValueError, r"ignore must be kinds .*got 'NaN'"),
     ({"ignore": 5}, ValueError, r"ignore must be kinds .*got 5"),
