@@ -254,6 +254,7 @@ class Baseline(Variant):
 class GradWatch(Variant):
     log = False
     histogram_every = 0
+    on_nonfinite = "report"
 
     def __init__(self, work: Workload, tmp: str) -> None:
         super().__init__(work, tmp)
@@ -263,6 +264,7 @@ class GradWatch(Variant):
             log_dir=tmp if self.log else None,
             histogram_every=self.histogram_every,
             on_finding="record",
+            on_nonfinite=self.on_nonfinite,
         )
 
     def settle(self) -> None:
@@ -274,6 +276,12 @@ class GradWatch(Variant):
 
     def close(self) -> None:
         self.watcher.close()
+
+
+class GradWatchSkip(GradWatch):
+    """``on_nonfinite="skip"``: on CUDA the host waits for each step's statistics."""
+
+    on_nonfinite = "skip"
 
 
 class GradWatchHist100(GradWatch):
@@ -393,6 +401,7 @@ class VariantSpec:
 VARIANTS = [
     VariantSpec("baseline", "unwatched baseline", Baseline),
     VariantSpec("gradwatch", "gradwatch, all detectors, no TensorBoard", GradWatch),
+    VariantSpec("gradwatch-skip", 'gradwatch, on_nonfinite="skip"', GradWatchSkip),
     VariantSpec(
         "gradwatch-hist100", "gradwatch + TensorBoard, histograms every 100", GradWatchHist100, 100
     ),

@@ -1,7 +1,8 @@
 """The core both front ends drive: checks of one optimizer's gradients, detectors, findings.
 
 One check: the gradients an optimizer is about to use -> one foreach pass of norms, copied to the
-host -> detectors -> findings -> policy and sinks. The front end decides when a check happens
+host -> detectors -> findings -> (with ``on_nonfinite="skip"``: the step skipped when a gradient is
+not finite) -> policy and sinks. The front end decides when a check happens
 (``watch()``: optimizer step hooks; the Lightning callback: Lightning's hooks) and feeds the
 tracker from one post-accumulate-grad hook per parameter.
 """
@@ -39,6 +40,7 @@ from gradwatch.detectors import (
     NumericsDetector,
     ParamTable,
 )
+from gradwatch.detectors.base import by_arrival
 from gradwatch.findings import (
     Finding,
     GradientError,
@@ -48,6 +50,8 @@ from gradwatch.findings import (
     Kind,
 )
 from gradwatch.sinks import GuardedSinks, Sink
+
+_NON_FINITE = frozenset((Kind.NAN, Kind.INF))
 
 
 @dataclasses.dataclass(eq=False)
@@ -93,7 +97,7 @@ class Monitor:
         named: The watched parameters with their qualified names.
         optimizers: The optimizers to check; empty to adopt every optimizer that steps any of
             these parameters (``follow_all``).
-        accumulation_steps, options, on_finding: As validated by ``watch()``.
+        accumulation_steps, options, on_finding, on_nonfinite: As validated by ``watch()``.
         sinks: Outputs; the monitor closes them.
         histogram_every: Optimizer steps between gradient histograms sent to the sinks (at steps
             that are multiples of it; 0 for none).
@@ -110,6 +114,7 @@ class Monitor:
         accumulation_steps: int,
         options: _options.DetectorOptions,
         on_finding: _options.OnFinding,
+        on_nonfinite: _options.OnNonFinite = "report",
         sinks: Sequence[Sink] = (),
         histogram_every: int = 0,
         ratio_every: int = 0,
@@ -122,6 +127,8 @@ class Monitor:
         self.options = options
         self._on_finding = on_finding
         check_parameters(named)
+        self._skip_nonfinite = on_nonfinite == "skip"
+        self._warned_closure = False
         self._table = ParamTable.from_named(named)
         self.tracker = GradientTracker(len(self._table))
         self._tracker = self.tracker
@@ -130,6 +137,7 @@ class Monitor:
         self._occurrences: collections.Counter[tuple[Kind, str | None]] = collections.Counter()
         self._pending: collections.deque[_PendingCheck] = collections.deque()
         self._position = {id(p): i for i, p in enumerate(self._table.params)}
+        self._name_position = {name: i for i, name in enumerate(self._table.names)}
         self._steppers: dict[int, _Stepper] = {}
         self._follow_all = not optimizers
         self._optimized_cache: frozenset[int] | None = None
@@ -265,8 +273,18 @@ class Monitor:
         if kwargs.get("closure") is not None or any(a is not None for a in positional):
             # The closure computes the gradients inside step(): check them after it.
             stepper.deferred = True
+            if self._skip_nonfinite and not self._warned_closure:
+                self._warned_closure = True
+                warnings.warn(
+                    "gradwatch: on_nonfinite='skip' cannot skip a step taken with "
+                    "optimizer.step(closure): the closure computes the gradients inside step(), "
+                    "so gradwatch checks them after the update (NaN/Inf is still reported). Call "
+                    "backward() before optimizer.step() to have such steps skipped.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             return
-        self._check(stepper)
+        self._check(stepper, before_update=True)
 
     def after_step(
         self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -276,7 +294,7 @@ class Monitor:
             return
         if stepper.deferred:
             stepper.deferred = False
-            self._check(stepper)
+            self._check(stepper, before_update=False)
         params = self._table.params
         self._tracker.on_stepped(stepper.positions, [params[i].grad for i in stepper.positions])
         stepper.steps += 1
@@ -284,7 +302,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ checks
 
-    def _check(self, stepper: _Stepper) -> None:
+    def _check(self, stepper: _Stepper, *, before_update: bool) -> None:
         params = self._table.params
         positions: list[int] = []
         grads: list[torch.Tensor] = []
@@ -308,13 +326,44 @@ class Monitor:
         if extras is not None:
             norms = self._pack(norms, extras, positions, grads)
         copy = HostCopy(norms)  # the one device-to-host copy of this check
-        self._drain(block=False, raising=True)  # earlier checks still in flight come first
-        if copy.ready() and not self._pending:
+        # To skip a step with non-finite gradients, the answer must be on the host before the
+        # optimizer runs: with on_nonfinite="skip" the check waits for its copy (on CUDA one
+        # synchronisation per check). Otherwise a copy still in flight is read at a later check,
+        # so that a quiet step never waits for the device.
+        skipping = self._skip_nonfinite and before_update
+        self._drain(block=skipping, raising=True)  # earlier checks still in flight come first
+        if skipping or (copy.ready() and not self._pending):
             context.max_abs = lambda where: max_abs([grads[j] for j in where])
-            findings += self._process(context, copy, extras)
+            checked = self._process(context, copy, extras)
+            if skipping:
+                checked += self._skip_if_nonfinite(stepper, context, checked)
+            findings += checked
         else:
             self._pending.append(_PendingCheck(context, copy, extras))
         self._report(findings)
+
+    def _skip_if_nonfinite(
+        self, stepper: _Stepper, context: CheckContext, findings: list[Finding]
+    ) -> list[Finding]:
+        """Clear the optimizer's gradients when this check found NaN/Inf; the finding saying so.
+
+        Runs before the policy, so the gradients are gone even when ``on_finding="raise"``.
+        Gradients a ``GradScaler`` is about to skip (tolerated kinds) are left to it. Every
+        ``torch.optim`` optimizer passes over a parameter whose ``.grad`` is ``None``: its weight,
+        its state (momentum, moments, step count) and its weight decay are left untouched.
+        """
+        nonfinite = [f for f in findings if f.kind in _NON_FINITE and not self._is_tolerated(f)]
+        optimizer = stepper.optimizer()
+        if not nonfinite or optimizer is None:
+            return []
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
+        positions = {self._name_position[name] for f in nonfinite for name in f.params}
+        names = tuple(self._table.names[i] for i in by_arrival(context, sorted(positions)))
+        return [
+            Finding(Kind.SKIPPED_STEP, context.step, None, value=float(len(names)), params=names)
+        ]
 
     @staticmethod
     def _plan(stepper: _Stepper, positions: list[int], grads: list[torch.Tensor]) -> NormPlan:
@@ -520,8 +569,11 @@ class Monitor:
             step: The step that labels this check's findings and statistics (default: the
                 optimizer's own count of steps).
             tolerate: Kinds expected at this check, not reported (and not counted) for it: the
-                non-finite gradients of a step that a ``GradScaler`` is about to skip.
+                non-finite gradients of a step that a ``GradScaler`` is about to skip. With
+                ``on_nonfinite="skip"`` such gradients are left to the scaler, not cleared.
 
+        With ``on_nonfinite="skip"``, call it before the optimizer reads the gradients: when they
+        are not finite it clears them (``.grad = None``) before returning or raising.
         Pair each check with :meth:`stepped` once the optimizer has really stepped.
         """
         stepper = self._stepper_for(optimizer)
@@ -535,7 +587,7 @@ class Monitor:
         own_steps = stepper.steps
         stepper.steps = label
         try:
-            self._check(stepper)
+            self._check(stepper, before_update=True)
         finally:
             stepper.steps = own_steps
 

@@ -7,7 +7,7 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from gradwatch.findings import Finding, GradWatchTypeError, GradWatchValueError, Kind
 
@@ -18,6 +18,9 @@ MAX_HISTORY = 10_000
 per parameter, and a mistyped huge value would otherwise fail deep inside torch's allocator."""
 
 OnFinding = str | Callable[[Finding], Any]
+
+OnNonFinite = Literal["report", "skip"]
+NONFINITE_POLICIES: tuple[OnNonFinite, ...] = ("report", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,21 @@ def check_on_finding(value: object) -> OnFinding:
     raise GradWatchTypeError(
         f"on_finding must be one of {', '.join(map(repr, POLICIES))} or a callable taking a "
         f"Finding, got {type(value).__name__} {value!r}"
+    )
+
+
+def check_on_nonfinite(value: object) -> OnNonFinite:
+    allowed = " or ".join(map(repr, NONFINITE_POLICIES))
+    if not isinstance(value, str):
+        raise GradWatchTypeError(
+            f"on_nonfinite must be {allowed} (a str), got {type(value).__name__} {value!r}"
+        )
+    for policy in NONFINITE_POLICIES:
+        if value == policy:
+            return policy
+    raise GradWatchValueError(
+        f"on_nonfinite must be {allowed}: 'report' reports NaN/Inf gradients and lets the "
+        f"optimizer step with them, 'skip' also skips that step; got {value!r}"
     )
 
 

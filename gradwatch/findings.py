@@ -7,7 +7,11 @@ from enum import Enum
 
 
 class Kind(str, Enum):
-    """The kinds of gradient bug gradwatch detects."""
+    """The kinds of gradient bug gradwatch detects, and the step it skipped.
+
+    ``SKIPPED_STEP`` is not a bug of its own: it records that ``on_nonfinite="skip"`` kept an
+    optimizer step from running because its gradients held NaN or Inf (reported with them).
+    """
 
     MISSING_ZERO_GRAD = "missing_zero_grad"
     UNEXPECTED_ACCUMULATION = "unexpected_accumulation"
@@ -17,6 +21,7 @@ class Kind(str, Enum):
     VANISHING = "vanishing"
     NO_GRAD = "no_grad"
     NOT_IN_OPTIMIZER = "not_in_optimizer"
+    SKIPPED_STEP = "skipped_step"
 
     def __str__(self) -> str:
         return self.value
@@ -30,12 +35,14 @@ class Finding:
         kind: What went wrong.
         step: Index of the optimizer step during which it was found (0 for the first step).
         param: Qualified name of the parameter it concerns most (as in
-            ``model.named_parameters()``), or ``None`` when it concerns the model as a whole.
+            ``model.named_parameters()``), or ``None`` when it concerns the model as a whole
+            (``skipped_step``: the whole optimizer step).
         value: The measured quantity the detector compared (a norm, a ratio, a count), if any.
         threshold: The limit that ``value`` crossed, if any.
-        params: Every parameter involved, most relevant first (for ``nan``/``inf``: in the order
-            their gradients arrived in the backward pass, so the first points at where the
-            non-finite value entered).
+        params: Every parameter involved, most relevant first (for ``nan``/``inf`` and
+            ``skipped_step``: the parameters whose gradients were not finite, in the order their
+            gradients arrived in the backward pass, so the first points at where the non-finite
+            value entered).
 
     Example:
         >>> f = Finding(Kind.NAN, step=3, param="fc.weight", params=("fc.weight",))
@@ -152,6 +159,16 @@ def _not_in_optimizer(f: Finding) -> str:
     )
 
 
+def _skipped_step(f: Finding) -> str:
+    return (
+        f"optimizer step skipped (on_nonfinite='skip'): the gradients of {_names(f)} held NaN "
+        f"or Inf, so gradwatch cleared all of this optimizer's gradients before it ran; weights "
+        f"and optimizer state are unchanged. Find the cause from this step's nan/inf finding; if "
+        f"steps keep being skipped, fix the loss or lower the learning rate, or the model stops "
+        f"learning."
+    )
+
+
 def _fmt(x: float | None) -> str:
     return "?" if x is None else f"{x:.3g}"
 
@@ -169,6 +186,7 @@ _DESCRIBE = {
     Kind.VANISHING: _vanishing,
     Kind.NO_GRAD: _no_grad,
     Kind.NOT_IN_OPTIMIZER: _not_in_optimizer,
+    Kind.SKIPPED_STEP: _skipped_step,
 }
 
 

@@ -25,6 +25,13 @@ How it drives the core (:class:`gradwatch._monitor.Monitor`):
   they are the overflows dynamic loss scaling expects (the scaler skips the step and halves the
   scale), so ``nan``/``inf`` are reported once the scale has come down to 1 or below and the
   gradients are still not finite: the loss itself is broken, not its scaling.
+- With ``on_nonfinite="skip"``, a check that finds NaN/Inf clears every gradient of that
+  optimizer (``.grad = None``) right there, inside ``on_before_optimizer_step``: the optimizer then
+  updates nothing (automatic and manual optimization alike, since Lightning calls the hook inside
+  ``optimizer.step``). Under a ``GradScaler``, non-finite gradients are left to the scaler, which
+  skips those steps itself: while the scale is above 1 gradwatch neither clears nor reports them;
+  once it is not, it reports them and clears them (the scaler skips the step too, and it has
+  recorded the overflow at ``unscale_``, so its scale is lowered as usual).
 - Steps in findings (and TensorBoard's x-axis) are ``trainer.global_step`` at the check.
 
 Lightning namespaces: Lightning checks a callback's class against its own ``Callback`` (the
@@ -47,6 +54,9 @@ holds the same list. With ``on_finding="raise"`` every rank raises the same
 batch instead of one rank dying and the others waiting in the next all-reduce; the price is that
 in distributed runs the step that showed the problem has already been taken. With one process
 nothing is exchanged and ``"raise"`` stops ``fit`` before the optimizer step.
+``on_nonfinite="skip"`` needs no exchange: the check comes after DDP's gradient all-reduce, which
+carries a NaN/Inf of one rank into every rank's gradients, so every rank skips the same step (and
+with ``"raise"`` too, the step every rank takes before stopping then changes nothing).
 """
 
 from __future__ import annotations
@@ -137,6 +147,12 @@ class GradWatchCallback(_CallbackBase):
             ``"raise"`` (a :class:`~gradwatch.GradientError` that stops ``fit``), ``"record"``
             (only kept in :attr:`findings`), or a callable receiving each
             :class:`~gradwatch.Finding` (on rank zero).
+        on_nonfinite: ``"report"`` (default) or ``"skip"``: as for ``gradwatch.watch``, a step
+            whose gradients hold NaN/Inf is skipped (gradwatch clears the optimizer's gradients
+            in ``on_before_optimizer_step``, so weights and optimizer state stay as they were)
+            and a ``skipped_step`` finding records it. On CUDA it costs one host-device
+            synchronisation per step. Under a ``GradScaler`` (``16-mixed``) the scaler already
+            skips those steps; see the module documentation.
         **detector_options: As for ``gradwatch.watch``: ``no_grad_after``, ``explode_factor``,
             ``max_grad_norm``, ``warmup_steps``, ``history``, ``vanish_ratio``,
             ``vanish_steps``, ``ignore``.
@@ -154,6 +170,7 @@ class GradWatchCallback(_CallbackBase):
         histogram_every: int = 100,
         accumulation_steps: int | None = None,
         on_finding: _options.OnFinding = "warn",
+        on_nonfinite: _options.OnNonFinite = "report",
         **detector_options: Any,
     ) -> None:
         super().__init__()
@@ -170,6 +187,7 @@ class GradWatchCallback(_CallbackBase):
             else _options.check_int_at_least("accumulation_steps", accumulation_steps, 1)
         )
         self._on_finding = _options.check_on_finding(on_finding)
+        self.on_nonfinite = _options.check_on_nonfinite(on_nonfinite)
         try:
             self.options = _options.DetectorOptions.from_kwargs(detector_options)
         except GradWatchTypeError as error:
@@ -227,6 +245,7 @@ class GradWatchCallback(_CallbackBase):
             log_dir=self.log_dir,
             accumulation_steps=self.accumulation_steps,
             on_finding=policy if isinstance(policy, str) else getattr(policy, "__qualname__", "?"),
+            on_nonfinite=self.on_nonfinite,
             no_grad_after=options.no_grad_after,
             explode_factor=options.explode_factor,
             max_grad_norm=options.max_grad_norm,
@@ -342,6 +361,7 @@ class GradWatchCallback(_CallbackBase):
                 accumulation_steps=accumulation,
                 options=self.options,
                 on_finding=self._queue,
+                on_nonfinite=self.on_nonfinite,
                 sinks=sinks,
                 histogram_every=self.histogram_every,
                 ratio_every=RATIO_EVERY,

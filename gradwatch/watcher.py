@@ -45,6 +45,7 @@ def watch(
     histogram_every: int = 100,
     accumulation_steps: int = 1,
     on_finding: _options.OnFinding = "warn",
+    on_nonfinite: _options.OnNonFinite = "report",
     **detector_options: Any,
 ) -> Watcher:
     """Watch the gradients of ``model`` and report gradient bugs as they happen.
@@ -63,6 +64,15 @@ def watch(
             ``"raise"`` (a :class:`GradientError`), ``"record"`` (only kept in
             :attr:`Watcher.findings`), or a callable that receives each :class:`Finding`
             (it must accept one argument).
+        on_nonfinite: ``"report"`` (default): NaN/Inf gradients are reported and the optimizer
+            steps with them. ``"skip"``: they are reported, and that optimizer step is skipped:
+            gradwatch sets ``.grad = None`` on every parameter of the optimizer before it runs,
+            so weights and optimizer state (momentum, Adam moments and step counts) stay exactly
+            as they were, and a ``skipped_step`` finding records it. Applies to steps whose
+            gradients exist before ``optimizer.step()`` (not to ``step(closure)``). On CUDA this
+            costs one host-device synchronisation per step (the answer must be on the host before
+            the optimizer runs); on CPU nothing more. ``on_finding`` still decides what happens to
+            the findings; with ``"raise"`` the gradients are cleared before the error is raised.
         **detector_options: Thresholds; see the README for each one's meaning and default:
             ``no_grad_after``, ``explode_factor``, ``max_grad_norm``, ``warmup_steps``,
             ``history``, ``vanish_ratio``, ``vanish_steps``, ``ignore``.
@@ -86,6 +96,15 @@ def watch(
         ...         opt.step()
         >>> [f.kind.value for f in watcher.findings]
         ['missing_zero_grad']
+
+        Skipping steps whose gradients are not finite:
+
+        >>> with gradwatch.watch(model, opt, on_finding="record", on_nonfinite="skip") as watcher:
+        ...     opt.zero_grad()
+        ...     (model(torch.ones(4, 3)) * float("nan")).sum().backward()
+        ...     opt.step()  # skipped: the weights stay finite
+        >>> [f.kind.value for f in watcher.findings], bool(model.weight.isfinite().all())
+        (['nan', 'skipped_step'], True)
     """
     # Only detector options travel in **detector_options (not Watcher's own ``sinks``).
     _options.DetectorOptions.check_names(detector_options)
@@ -96,6 +115,7 @@ def watch(
         histogram_every=histogram_every,
         accumulation_steps=accumulation_steps,
         on_finding=on_finding,
+        on_nonfinite=on_nonfinite,
         **detector_options,
     )
 
@@ -117,6 +137,7 @@ class Watcher:
         histogram_every: int = 100,
         accumulation_steps: int = 1,
         on_finding: _options.OnFinding = "warn",
+        on_nonfinite: _options.OnNonFinite = "report",
         sinks: Sequence[Sink] = (),
         **detector_options: Any,
     ) -> None:
@@ -130,6 +151,7 @@ class Watcher:
         )
         self.histogram_every = _options.check_int_at_least("histogram_every", histogram_every, 0)
         self._on_finding = _options.check_on_finding(on_finding)
+        self.on_nonfinite = _options.check_on_nonfinite(on_nonfinite)
         writer = log_dir if _is_summary_writer(log_dir) else None
         self.log_dir = (
             writer.get_logdir() if writer is not None else _options.check_log_dir(log_dir)
@@ -171,6 +193,7 @@ class Watcher:
                 accumulation_steps=self.accumulation_steps,
                 options=self.options,
                 on_finding=self._on_finding,
+                on_nonfinite=self.on_nonfinite,
                 sinks=sink_list,
                 histogram_every=self.histogram_every,
                 ratio_every=RATIO_EVERY,

@@ -81,7 +81,7 @@ class Bad:
 
 _ALL_KINDS = (
     "missing_zero_grad, unexpected_accumulation, nan, inf, exploding, vanishing, no_grad, "
-    "not_in_optimizer"
+    "not_in_optimizer, skipped_step"
 )
 _ON_FINDING = r"on_finding must be one of 'warn', 'raise', 'record' or a callable taking a Finding"
 _DIRECTORY = r"log_dir must be a directory \(or a path where one can be created\), got "
@@ -119,6 +119,16 @@ BAD_KEYWORDS: list[Bad] = [
         r"histogram_every must be an int >= 0, got NoneType None"),
     Bad("histogram_every='10'", {"histogram_every": "10"}, TE,
         r"histogram_every must be an int >= 0, got str '10'"),
+    # on_nonfinite: "report" or "skip"
+    Bad("on_nonfinite='drop'", {"on_nonfinite": "drop"}, VE,
+        r"on_nonfinite must be 'report' or 'skip': 'report' reports NaN/Inf gradients and lets "
+        r"the optimizer step with them, 'skip' also skips that step; got 'drop'"),
+    Bad("on_nonfinite='Skip'", {"on_nonfinite": "Skip"}, VE,
+        r"on_nonfinite must be 'report' or 'skip'.*got 'Skip'"),
+    Bad("on_nonfinite=True", {"on_nonfinite": True}, TE,
+        r"on_nonfinite must be 'report' or 'skip' \(a str\), got bool True"),
+    Bad("on_nonfinite=None", {"on_nonfinite": None}, TE,
+        r"on_nonfinite must be .*got NoneType None"),
     # on_finding: a policy name or a callable taking one Finding
     Bad("on_finding='explode'", {"on_finding": "explode"}, VE, _ON_FINDING + r", got 'explode'"),
     Bad("on_finding='ignore'", {"on_finding": "ignore"}, VE, _ON_FINDING + r", got 'ignore'"),
@@ -754,6 +764,7 @@ _ATTRIBUTES = (
     "histogram_every",
     "log_dir",
     "occurrences",
+    "on_nonfinite",
     "options",
     "param_names",
     "step",

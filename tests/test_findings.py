@@ -21,6 +21,7 @@ KIND_VALUES = [
     "vanishing",
     "no_grad",
     "not_in_optimizer",
+    "skipped_step",
 ]
 
 # What each kind's message must tell the user to do (one characteristic phrase each).
@@ -33,6 +34,7 @@ ADVICE = {
     Kind.VANISHING: "residual connections",
     Kind.NO_GRAD: "requires_grad_(False)",
     Kind.NOT_IN_OPTIMIZER: "add_param_group()",
+    Kind.SKIPPED_STEP: "fix the loss or lower the learning rate",
 }
 
 

@@ -142,6 +142,7 @@ def _lightning_fit(precision: str, nan: bool, steps: int) -> tuple[object, int]:
     data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
     callback = GradWatchCallback(on_finding="record", log_dir=False)
     trainer = pl.Trainer(
+        callbacks=[callback],
         accelerator="gpu",
         devices=1,
         precision=precision,
@@ -168,3 +169,27 @@ def test_lightning_16_mixed_on_cuda_reports_a_nan_loss_once() -> None:
     # reports the NaN once the scale can no longer explain it.
     assert [f.kind for f in callback.findings] == [gradwatch.Kind.NAN]  # type: ignore[attr-defined]
     assert callback.step == 0  # type: ignore[attr-defined]
+
+
+def test_skip_on_cuda_reports_and_skips_at_the_step_itself() -> None:
+    # on_nonfinite="skip" needs the answer before the optimizer runs: the check waits for its
+    # statistics (a synchronisation) instead of reading them a step later.
+    model, optimizer, x, y = _setup()
+    with gradwatch.watch(model, optimizer, on_finding="record", on_nonfinite="skip") as watcher:
+        for _ in range(3):
+            _step(model, optimizer, x, y)
+        torch.cuda.synchronize()
+        for step in range(3, 8):
+            assert _synchronisations(lambda: _step(model, optimizer, x, y)) <= 1, step
+        before = [p.detach().clone() for p in model.parameters()]
+        _step(model, optimizer, x, y, poison=True)
+        # Reported during step 8 itself, and nothing moved.
+        assert [(f.kind, f.step) for f in watcher.findings] == [
+            (gradwatch.Kind.NAN, 8),
+            (gradwatch.Kind.SKIPPED_STEP, 8),
+        ]
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        _step(model, optimizer, x, y)
+        assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert len(watcher.findings) == 2

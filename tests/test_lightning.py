@@ -24,6 +24,7 @@ from torch import nn
 
 from gradwatch import GradientError, GradWatchError, GradWatchWarning, Kind
 from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME
+from tests.helpers.contract import state_differences
 from tests.helpers.models import GAN, EncoderDecoder
 
 lightning_callback = pytest.importorskip("gradwatch.lightning")
@@ -64,19 +65,27 @@ def modules(pl: ModuleType) -> SimpleNamespace:
             *,
             lr: float = 0.05,
             nan_at: int | None = None,
+            nan_once: bool = False,
             lr_factor_at: tuple[int, float] | None = None,
             detach: bool = False,
+            optimizer: str = "sgd",
         ) -> None:
             super().__init__()
             self.model = EncoderDecoder(detach=detach)
             self.lr = lr
             self.nan_at = nan_at
+            self.nan_once = nan_once
             self.lr_factor_at = lr_factor_at
+            self.optimizer = optimizer
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             loss = nn.functional.mse_loss(self.model(x).float(), y)
-            if self.nan_at is not None and self.global_step >= self.nan_at:
+            if self.nan_at is not None and (
+                self.global_step == self.nan_at
+                if self.nan_once
+                else self.global_step >= self.nan_at
+            ):
                 loss = loss * torch.log(torch.zeros(()))  # -inf * 0 somewhere: NaN
             self.log("train_loss", loss)
             return loss
@@ -87,27 +96,44 @@ def modules(pl: ModuleType) -> SimpleNamespace:
                     group["lr"] *= self.lr_factor_at[1]
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
+            if self.optimizer == "adam":
+                return torch.optim.Adam(self.parameters(), lr=1e-2)
+            if self.optimizer == "sgd-momentum":
+                return torch.optim.SGD(
+                    self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-2
+                )
             return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     class Manual(pl.LightningModule):  # type: ignore[misc,name-defined]
-        """Manual optimization; ``forget_zero_grad_from`` stops calling ``opt.zero_grad()``."""
+        """Manual optimization; ``forget_zero_grad_from`` stops calling ``opt.zero_grad()``;
+        ``nan_at`` makes the loss of that one step NaN."""
 
-        def __init__(self, forget_zero_grad_from: int | None = None) -> None:
+        def __init__(
+            self,
+            forget_zero_grad_from: int | None = None,
+            nan_at: int | None = None,
+            momentum: float = 0.0,
+        ) -> None:
             super().__init__()
             self.automatic_optimization = False
             self.model = EncoderDecoder()
             self.forget_from = forget_zero_grad_from
+            self.nan_at = nan_at
+            self.momentum = momentum
 
         def training_step(self, batch: Any, batch_idx: int) -> None:
             opt = self.optimizers()
             x, y = batch
             if self.forget_from is None or self.global_step < self.forget_from:
                 opt.zero_grad()
-            self.manual_backward(nn.functional.mse_loss(self.model(x), y))
+            loss = nn.functional.mse_loss(self.model(x), y)
+            if self.global_step == self.nan_at:
+                loss = loss * torch.tensor(float("nan"))
+            self.manual_backward(loss)
             opt.step()
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.05)
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=self.momentum)
 
     class TinyGAN(pl.LightningModule):  # type: ignore[misc,name-defined]
         """Two optimizers, manual optimization, toggled as Lightning's GAN example does."""
@@ -156,7 +182,29 @@ def modules(pl: ModuleType) -> SimpleNamespace:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
 
-    return SimpleNamespace(Regressor=Regressor, Manual=Manual, TinyGAN=TinyGAN, Frozen=Frozen)
+    class Snapshots(pl.Callback):  # type: ignore[misc,name-defined]
+        """Model and optimizer state before each step (keyed by that step) and at the end."""
+
+        def __init__(self) -> None:
+            self.states: dict[int, dict[str, Any]] = {}
+
+        def _take(self, trainer: Any, module: Any) -> None:
+            self.states[trainer.global_step] = copy.deepcopy(
+                {
+                    "model": module.state_dict(),
+                    "optimizers": [o.state_dict() for o in trainer.optimizers],
+                }
+            )
+
+        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, index: int) -> None:
+            self._take(trainer, module)
+
+        def on_train_end(self, trainer: Any, module: Any) -> None:
+            self._take(trainer, module)
+
+    return SimpleNamespace(
+        Regressor=Regressor, Manual=Manual, TinyGAN=TinyGAN, Frozen=Frozen, Snapshots=Snapshots
+    )
 
 
 def fit(
@@ -337,6 +385,101 @@ def test_detached_submodule(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
     assert set(callback.findings[0].params) == {"model.encoder.0.weight", "model.encoder.0.bias"}
 
 
+# ---------------------------------------------------------------------- on_nonfinite="skip"
+
+SKIP_AT = 4
+
+
+def _changed_every_step_but(states: dict[int, dict[str, Any]], skipped: set[int]) -> list[int]:
+    """The steps (other than ``skipped``) after which the model's weights were unchanged."""
+    last = max(states)
+    return [
+        step
+        for step in range(last)
+        if step not in skipped
+        and not state_differences(states[step]["model"], states[step + 1]["model"])
+    ]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
+def test_skip_leaves_weights_and_optimizer_state_as_before(
+    pl: ModuleType, tmp_path: pathlib.Path, optimizer: str
+) -> None:
+    callback = record(on_nonfinite="skip")
+    snapshots = modules(pl).Snapshots()
+    module = modules(pl).Regressor(nan_at=SKIP_AT, nan_once=True, optimizer=optimizer)
+    # Clipping runs after the check, on the cleared gradients of the skipped step.
+    trainer = fit(pl, module, [callback, snapshots], tmp_path, gradient_clip_val=1.0)
+    states = snapshots.states
+    assert sorted(states) == list(range(13))
+    # Step SKIP_AT changed nothing: weights, momentum buffers, Adam moments and step counts.
+    assert state_differences(states[SKIP_AT], states[SKIP_AT + 1]) == []
+    assert _changed_every_step_but(states, {SKIP_AT}) == []  # training went on
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert [(f.kind, f.step) for f in callback.findings] == [
+        (Kind.NAN, SKIP_AT),
+        (Kind.SKIPPED_STEP, SKIP_AT),
+    ]
+    skipped = callback.findings[1]
+    assert skipped.param is None
+    assert skipped.params[0] == "model.decoder.2.bias"  # nearest to the loss
+    assert set(skipped.params) == {name for name, _ in module.named_parameters()}
+    assert callback.occurrences[(Kind.SKIPPED_STEP, None)] == 1
+    assert callback.step == trainer.global_step == 12
+
+
+def test_report_default_lets_the_nan_step_through(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    callback = record()
+    assert callback.on_nonfinite == "report"
+    snapshots = modules(lpl).Snapshots()
+    module = modules(lpl).Regressor(nan_at=SKIP_AT, nan_once=True, optimizer="sgd-momentum")
+    fit(lpl, module, [callback, snapshots], tmp_path, steps=SKIP_AT + 1)
+    assert not torch.isnan(snapshots.states[SKIP_AT]["model"]["model.decoder.2.bias"]).any()
+    assert torch.isnan(snapshots.states[SKIP_AT + 1]["model"]["model.decoder.2.bias"]).all()
+    assert kinds(callback) == ["nan"]
+
+
+def test_skip_with_manual_optimization(pl: ModuleType, tmp_path: pathlib.Path) -> None:
+    # Lightning runs on_before_optimizer_step inside opt.step() of manual optimization too.
+    callback = record(on_nonfinite="skip")
+    snapshots = modules(pl).Snapshots()
+    fit(pl, modules(pl).Manual(nan_at=SKIP_AT, momentum=0.9), [callback, snapshots], tmp_path)
+    states = snapshots.states
+    assert state_differences(states[SKIP_AT], states[SKIP_AT + 1]) == []
+    assert _changed_every_step_but(states, {SKIP_AT}) == []
+    assert [(f.kind, f.step) for f in callback.findings] == [
+        (Kind.NAN, SKIP_AT),
+        (Kind.SKIPPED_STEP, SKIP_AT),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("init_scale", "expected"),
+    [
+        # Above 1 the overflow is what dynamic loss scaling expects: left to the scaler alone.
+        (2.0**8, []),
+        # At scale 1 the loss itself is broken: reported, and gradwatch clears the gradients too.
+        (1.0, [(Kind.NAN, SKIP_AT), (Kind.SKIPPED_STEP, SKIP_AT)]),
+    ],
+    ids=["scale-above-1", "scale-1"],
+)
+def test_16_mixed_skip_does_not_fight_the_grad_scaler(
+    lpl: ModuleType, tmp_path: pathlib.Path, init_scale: float, expected: list[Any]
+) -> None:
+    callback = record(on_nonfinite="skip")
+    snapshots = modules(lpl).Snapshots()
+    plugin = _fp16_plugin(lpl, init_scale=init_scale)
+    module = modules(lpl).Regressor(nan_at=SKIP_AT, nan_once=True, optimizer="adam")
+    trainer = fit(lpl, module, [callback, snapshots], tmp_path, plugins=[plugin])
+    states = snapshots.states
+    assert state_differences(states[SKIP_AT], states[SKIP_AT + 1]) == []
+    assert _changed_every_step_but(states, {SKIP_AT}) == []
+    assert [(f.kind, f.step) for f in callback.findings] == expected
+    # The scaler saw the overflow either way: it skipped the step and halved its scale.
+    assert plugin.scaler.get_scale() == init_scale / 2
+    assert callback.step == trainer.global_step - 1 == 11
+
+
 # ---------------------------------------------------------------------- policies and outputs
 
 
@@ -473,6 +616,7 @@ def test_two_callbacks_with_different_settings_share_a_checkpoint(
 ) -> None:
     loose, tight = record(), record(max_grad_norm=0.01)
     assert loose.state_key != tight.state_key
+    assert record(on_nonfinite="skip").state_key != loose.state_key
     assert record().state_key == loose.state_key
     trainer = fit(lpl, modules(lpl).Regressor(), [loose, tight], tmp_path, steps=4)
     trainer.save_checkpoint(tmp_path / "both.ckpt")
@@ -559,12 +703,14 @@ def test_one_class_for_both_namespaces() -> None:
 # ---------------------------------------------------------------------- distributed
 
 
-def _run_ddp(out: pathlib.Path, policy: str) -> tuple[int, str, dict[int, dict[str, Any]]]:
+def _run_ddp(
+    out: pathlib.Path, policy: str, scenario: str = "forgetful"
+) -> tuple[int, str, dict[int, dict[str, Any]]]:
     """Runs the 2-process DDP script; kills its whole process group if it hangs."""
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(HELPERS.parent.parent)}
     process = subprocess.Popen(
-        [sys.executable, str(HELPERS / "lightning_ddp.py"), str(out), policy],
+        [sys.executable, str(HELPERS / "lightning_ddp.py"), str(out), policy, scenario],
         cwd=out,
         env=env,
         stdout=subprocess.PIPE,
@@ -619,3 +765,16 @@ def test_ddp_raise_stops_every_rank(tmp_path: pathlib.Path) -> None:
         assert error is not None and error.startswith("GradientError: [missing_zero_grad] step 2")
         assert "'net.2.bias'" in error
         assert reports[rank]["global_step"] == 3  # both stopped after the same batch
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_skip_on_every_rank_when_one_rank_has_nan(tmp_path: pathlib.Path) -> None:
+    # Only rank 1's loss is NaN, at step 2; DDP's all-reduce carries it to rank 0's gradients.
+    returncode, output, reports = _run_ddp(tmp_path / "skip", "record", "nan")
+    assert returncode == 0, output[-4000:]
+    for rank in (0, 1):
+        assert reports[rank]["global_step"] == 8
+        assert reports[rank]["findings"][-1] == ["skipped_step", None, 2]
+        assert reports[rank]["unchanged_steps"] == [2]  # every rank skipped step 2, only it
+    assert reports[0]["final_weights"] == reports[1]["final_weights"]  # still in step

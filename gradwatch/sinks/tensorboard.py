@@ -179,9 +179,8 @@ class TensorBoardSink:
         kind = finding.kind.value
         self._counts[kind] = self._counts.get(kind, 0) + 1
         self._writer.add_scalar(f"gradwatch/findings/{kind}", self._counts[kind], finding.step)
-        self._add_text(
-            "gradwatch/findings", f"**{kind}** `{finding.param}`: {finding.message}", finding.step
-        )
+        where = f"`{finding.param}`" if finding.param is not None else "(model)"
+        self._add_text("gradwatch/findings", f"**{kind}** {where}: {finding.message}", finding.step)
         self._writer.flush()  # findings are rare; a run killed right after keeps them
 
     def _add_text(self, tag: str, text: str, step: int) -> None:

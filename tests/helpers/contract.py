@@ -124,3 +124,36 @@ class BrokenSink(RecordingSink):
     def write_finding(self, finding: Finding) -> None:
         super().write_finding(finding)
         raise OSError("disk full")
+
+
+def state_differences(before: object, after: object, path: str = "") -> list[str]:
+    """Where two nested state dicts (tensors, dicts, lists, numbers) differ; empty when equal.
+
+    Tensors are compared with ``torch.equal`` (exact values, shapes and NaN positions differ).
+    """
+    if isinstance(before, torch.Tensor) or isinstance(after, torch.Tensor):
+        same = (
+            isinstance(before, torch.Tensor)
+            and isinstance(after, torch.Tensor)
+            and before.dtype == after.dtype
+            and before.shape == after.shape
+            and torch.equal(before, after)
+        )
+        return [] if same else [path or "(root)"]
+    if isinstance(before, dict) and isinstance(after, dict):
+        if before.keys() != after.keys():
+            return [f"{path}: keys {sorted(map(str, before))} != {sorted(map(str, after))}"]
+        return [
+            difference
+            for key in before
+            for difference in state_differences(before[key], after[key], f"{path}/{key}")
+        ]
+    if isinstance(before, (list, tuple)) and isinstance(after, (list, tuple)):
+        if len(before) != len(after):
+            return [f"{path}: length {len(before)} != {len(after)}"]
+        return [
+            difference
+            for i, (a, b) in enumerate(zip(before, after, strict=True))
+            for difference in state_differences(a, b, f"{path}/{i}")
+        ]
+    return [] if before == after else [f"{path}: {before!r} != {after!r}"]
