@@ -1,4 +1,4 @@
-"""The overhead benchmark runs end to end and prints a row for every variant (no timing checks)."""
+"""The benchmarks run end to end and print a row for every variant (no timing checks)."""
 
 import importlib.util
 import subprocess
@@ -77,3 +77,23 @@ def test_machine_name() -> None:
     assert prefix == "cpu"
     assert cores.endswith("core") and int(cores[: -len("core")]) >= 1
     assert arch and arch == arch.lower()
+
+
+def test_gradient_flow_benchmark_prints_every_workload() -> None:
+    pytest.importorskip("PIL")
+    script = SCRIPT.parent / "gradient_flow.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--rounds", "1", "--no-reference"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| 6 modules",
+        "| 24 modules",
+        "| 64 modules",
+        "| 1,000 tensors (500 modules)",
+    ]
+    assert rows[-1].split(" | ")[1] == "63"  # bars

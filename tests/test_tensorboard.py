@@ -324,7 +324,7 @@ def test_custom_scalars_layout_groups_by_module(histogram_run: HistogramRun) -> 
 
 
 def test_gradient_flow_image(histogram_run: HistogramRun) -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("PIL")
     log_dir, *_ = histogram_run
     (image,) = _read_all(log_dir).Images("gradwatch/grad_flow")  # at most one per 100 steps
     assert image.step == 0
@@ -360,7 +360,7 @@ def test_histogram_interval(tmp_path: pathlib.Path, every: int, steps: list[int]
 
 
 def test_figure_at_most_once_per_figure_every(tmp_path: pathlib.Path) -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("PIL")
     from gradwatch._histograms import GradientHistograms, histogram_rows
 
     sink = TensorBoardSink(tmp_path, figure_every=100)
@@ -371,17 +371,14 @@ def test_figure_at_most_once_per_figure_every(tmp_path: pathlib.Path) -> None:
     assert [e.step for e in _read_all(tmp_path).Images("gradwatch/grad_flow")] == [0, 120, 240]
 
 
-def test_no_figure_without_matplotlib(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_no_figure_without_pillow(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     from gradwatch._histograms import GradientHistograms, histogram_rows
     from gradwatch.sinks.tensorboard import gradient_flow_image
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    for module in ("PIL", "PIL.Image", "PIL.ImageDraw", "PIL.ImageFont"):
+        monkeypatch.setitem(sys.modules, module, None)
     hist = GradientHistograms(histogram_rows([torch.randn(4, 3)], 8))
     assert gradient_flow_image(["w"], hist) is None
     sink = TensorBoardSink(tmp_path)

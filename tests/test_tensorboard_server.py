@@ -187,7 +187,7 @@ def test_findings_text(served: tuple[Server, list[str]]) -> None:
 
 
 def test_gradient_flow_image(served: tuple[Server, list[str]]) -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("PIL")
     server, _ = served
     assert "gradwatch/grad_flow" in server.json("/data/plugin/images/tags")["."]
     (image,) = server.json(

@@ -19,6 +19,7 @@ import torch
 
 from gradwatch._histograms import GradientHistograms
 from gradwatch.findings import Finding
+from gradwatch.sinks import _gradient_flow
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -43,7 +44,7 @@ class TensorBoardSink:
     ``gradwatch/grad_norm/<param>`` every ``param_every`` steps; histograms
     ``gradwatch/grad/<param>`` with scalars ``gradwatch/grad_nan/<param>`` and
     ``gradwatch/grad_inf/<param>`` and the image ``gradwatch/grad_flow`` (at most one every
-    ``figure_every`` steps, when matplotlib is installed) whenever the monitor sends histograms;
+    ``figure_every`` steps, when Pillow is installed) whenever the monitor sends histograms;
     ``gradwatch/sgd_update_ratio/<param>`` whenever it sends ratios; ``gradwatch/findings/<kind>``
     (count so far) and a text entry ``gradwatch/findings`` for every finding, at the step it was
     found; a custom-scalars layout grouping the per-parameter scalars by module.
@@ -153,8 +154,8 @@ class TensorBoardSink:
             )
 
     def _draw_later(self, step: int, names: list[str], histograms: GradientHistograms) -> None:
-        """Draws the gradient-flow figure on a worker thread: tens of milliseconds of matplotlib
-        that training does not wait for (:meth:`flush` and :meth:`close` do)."""
+        """Draws the gradient-flow figure on a worker thread, with its PNG encoding, which
+        training does not wait for (:meth:`flush` and :meth:`close` do)."""
         if self._figures is None:
             self._figures = queue.Queue(maxsize=2)
             threading.Thread(
@@ -283,52 +284,7 @@ def custom_scalars_layout(names: Sequence[str]) -> dict[str, dict[str, list[Any]
 
 
 def gradient_flow_image(names: Sequence[str], histograms: GradientHistograms) -> Any:
-    """Mean and largest finite |grad| of each module, in the parameters' order, on a log scale:
-    an ``(H, W, 3)`` uint8 array, or ``None`` without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    import numpy as np
-
-    modules: dict[str, list[int]] = {}
-    for j, name in enumerate(names):
-        modules.setdefault(module_of(name), []).append(j)
-    labels = list(modules)
-    sum_abs, finite = histograms.sum_abs.numpy(), histograms.finite.numpy()
-    nonfinite = (histograms.nan + histograms.inf).numpy()
-    largest_abs = histograms.max_abs.numpy()
-    means, maxima, bad = [], [], []
-    for members in modules.values():
-        count = finite[members].sum()
-        means.append(sum_abs[members].sum() / count if count > 0 else np.nan)
-        valid = largest_abs[members][~np.isnan(largest_abs[members])]
-        maxima.append(valid.max() if len(valid) else np.nan)
-        bad.append(nonfinite[members].sum() > 0)
-
-    width = min(4.0 + 0.3 * len(labels), 24.0)
-    figure = Figure(figsize=(width, 4.5), dpi=80, layout="constrained")
-    axes = figure.add_subplot()
-    x = np.arange(len(labels))
-    axes.bar(x, maxima, color="#9ecae1", label="max |grad|")
-    axes.bar(x, means, width=0.5, color="#08519c", label="mean |grad|")
-    positive = [v for v in (*means, *maxima) if np.isfinite(v) and v > 0]
-    if positive:
-        axes.set_yscale("log")
-        axes.set_ylim(min(positive) / 2, max(positive) * 2)
-    for position in np.flatnonzero(bad):
-        axes.axvline(float(position), color="#cb181d", linestyle="--", linewidth=1)
-    if any(bad):
-        axes.plot([], [], color="#cb181d", linestyle="--", label="NaN/Inf present")
-    axes.set_xticks(x, labels, rotation=90, fontsize=7)
-    axes.set_xlim(-0.6, len(labels) - 0.4)
-    axes.set_xlabel("module, in depth order (input first)")
-    axes.set_ylabel("|gradient|")
-    axes.set_title("gradient flow")
-    axes.legend(loc="upper right", fontsize=8)
-    axes.grid(axis="y", which="major", alpha=0.3)
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()  # type: ignore[no-untyped-call]
-    pixels = np.asarray(canvas.buffer_rgba())  # type: ignore[no-untyped-call]
-    return pixels[:, :, :3].copy()
+    """Mean and largest finite |grad| of each module, in the parameters' order, on a log scale
+    (at most 64 bars: see ``_gradient_flow.group_parameters``): an ``(H, W, 3)`` uint8 array, or
+    ``None`` without Pillow."""
+    return _gradient_flow.gradient_flow_image(names, histograms)
