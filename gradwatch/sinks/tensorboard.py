@@ -5,11 +5,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import io
 import math
 import os
-import queue
 import re
-import threading
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -77,9 +76,7 @@ class TensorBoardSink:
         self._param_every = param_every
         self._figure_every = figure_every
         self._last_figure: int | None = None
-        self._figures: queue.Queue[_Figure | None] | None = None
-        self._figure_errors: list[Exception] = []
-        self._figure_error_reported = False
+        self._figure_broken = False
         self._counts: dict[str, int] = {}
         self._layout_names: dict[str, None] = {}
         self._closed = False
@@ -138,33 +135,28 @@ class TensorBoardSink:
             )
             values.append(protos.Summary.Value(tag=f"gradwatch/grad/{name}", histo=histogram))
         self._emit(step, values)
-        self._report_figure_error()
-        if self._last_figure is None or step >= self._last_figure + self._figure_every:
+        if not self._figure_broken and (
+            self._last_figure is None or step >= self._last_figure + self._figure_every
+        ):
             self._last_figure = step
-            self._draw_later(step, list(names), GradientHistograms(histograms.rows.clone()))
+            self._write_figure(step, names, histograms)
 
-    def _report_figure_error(self) -> None:
-        if self._figure_errors and not self._figure_error_reported:
-            self._figure_error_reported = True
+    def _write_figure(
+        self, step: int, names: Sequence[str], histograms: GradientHistograms
+    ) -> None:
+        """Draws the gradient-flow figure (a few milliseconds) at the histogram step itself."""
+        try:
+            image = gradient_flow_image(names, histograms)
+            if image is not None:
+                self._emit(step, [_image("gradwatch/grad_flow", image)])
+        except Exception as error:  # a broken figure must never stop training
+            self._figure_broken = True
             warnings.warn(
-                f"gradwatch: drawing the gradient-flow figure failed "
-                f"({self._figure_errors[0]!r}); no more figures are drawn in this run",
+                f"gradwatch: drawing the gradient-flow figure failed ({error!r}); no more "
+                f"figures are drawn in this run",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-
-    def _draw_later(self, step: int, names: list[str], histograms: GradientHistograms) -> None:
-        """Draws the gradient-flow figure on a worker thread, with its PNG encoding, which
-        training does not wait for (:meth:`flush` and :meth:`close` do)."""
-        if self._figures is None:
-            self._figures = queue.Queue(maxsize=2)
-            threading.Thread(
-                target=_draw_figures,
-                args=(self._figures, self._writer, self._figure_errors),
-                name="gradwatch-gradient-flow",
-                daemon=True,
-            ).start()
-        self._figures.put((step, names, histograms))
 
     def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
         self._emit(
@@ -194,9 +186,6 @@ class TensorBoardSink:
 
     def flush(self) -> None:
         if not self._closed:
-            if self._figures is not None:
-                self._figures.join()
-            self._report_figure_error()
             self._writer.flush()
 
     def close(self) -> None:
@@ -204,9 +193,6 @@ class TensorBoardSink:
             return
         self._closed = True
         _open_sinks.discard(self)
-        if self._figures is not None:
-            self._figures.put(None)
-            self._figures.join()
         if self._owns_writer:
             self._writer.close()
         else:
@@ -226,29 +212,19 @@ def _protos() -> Any:
     return summary_pb2
 
 
-_Figure = tuple[int, list[str], GradientHistograms]
+def _image(tag: str, pixels: Any) -> Any:
+    """The ``Summary.Value`` of an ``(H, W, 3)`` uint8 image, as ``SummaryWriter.add_image``
+    writes it, with the PNG compressed at Pillow's fastest level (a figure is mostly flat
+    colour: a few milliseconds instead of ``add_image``'s tens)."""
+    from PIL import Image
 
-
-def _draw_figures(
-    figures: queue.Queue[_Figure | None], writer: SummaryWriter, errors: list[Exception]
-) -> None:
-    broken = False
-    while True:
-        item = figures.get()
-        try:
-            if item is None:
-                return
-            if broken:
-                continue
-            step, names, histograms = item
-            image = gradient_flow_image(names, histograms)
-            if image is not None:
-                writer.add_image("gradwatch/grad_flow", image, step, dataformats="HWC")
-        except Exception as error:  # a broken figure must never stop training
-            broken = True
-            errors.append(error)  # reported by the sink's next call, if it still gets one
-        finally:
-            figures.task_done()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    height, width, channels = pixels.shape
+    image = _protos().Summary.Image(
+        height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue()
+    )
+    return _protos().Summary.Value(tag=tag, image=image)
 
 
 def module_of(name: str) -> str:
