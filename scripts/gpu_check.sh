@@ -15,6 +15,7 @@ log() { if [ -n "$out" ]; then tee -a "$out/$1"; else cat; fi; }
     || status=1
 "$python" -m pytest -p no:cacheprovider -q -x tests/test_healthy.py tests/test_stats.py 2>&1 \
     | tail -n 3 | log gpu-tests.log || status=1
-"$python" benchmarks/overhead.py --device cuda ${BENCH_ARGS:-} 2>&1 | log gpu-bench.log || status=1
-if [ -n "$out" ]; then cp benchmarks/results/cuda-*.md "$out/" 2>/dev/null || true; fi
+# With $OUT, the table goes there after every model, so that a run cut short keeps what it measured.
+"$python" benchmarks/overhead.py --device cuda ${out:+--output "$out/cuda-results.md"} \
+    ${BENCH_ARGS:-} 2>&1 | log gpu-bench.log || status=1
 exit $status
