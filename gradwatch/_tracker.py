@@ -94,9 +94,12 @@ class GradientTracker:
         self.replay()
         return self._backward_passes
 
-    def on_accumulated(self, index: int, grad: torch.Tensor) -> None:
+    def on_accumulated(self, index: int, param: torch.Tensor) -> None:
         # Runs once per parameter per backward pass, possibly on an autograd worker thread: it
         # only appends (atomic on a deque), and the bookkeeping waits for the next read.
+        grad = param.grad
+        if grad is None:
+            return
         self._events.append((index, weakref.ref(grad), grad._version, self._current_pass()))
         if len(self._events) > self._replay_at:  # backward after backward with no check
             self.replay()

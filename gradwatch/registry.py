@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,10 +34,14 @@ class HookRegistry:
     def add_param_hooks(
         self, params: Iterable[torch.Tensor], hook: Callable[[int, torch.Tensor], None]
     ) -> None:
-        """Call ``hook(position, grad)`` right after autograd accumulates into each ``.grad``."""
+        """Call ``hook(position, param)`` right after autograd accumulates into ``param.grad``.
+
+        The hook is bound to its position with ``functools.partial``, which adds no Python frame
+        to a call made once per parameter per backward pass, and holds no tensor.
+        """
         for position, param in enumerate(params):
             handle = param.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
-                _AccumulatedHook(position, hook)
+                functools.partial(hook, position)
             )
             self._keep(handle)
 
@@ -70,18 +75,3 @@ class HookRegistry:
     def _keep(self, handle: RemovableHandle) -> None:
         with self._lock:
             self._handles.append(handle)
-
-
-class _AccumulatedHook:
-    """A post-accumulate-grad hook that knows its parameter's position and holds no tensor."""
-
-    __slots__ = ("_hook", "_position")
-
-    def __init__(self, position: int, hook: Callable[[int, torch.Tensor], None]) -> None:
-        self._position = position
-        self._hook = hook
-
-    def __call__(self, param: torch.Tensor) -> None:
-        grad = param.grad
-        if grad is not None:
-            self._hook(self._position, grad)

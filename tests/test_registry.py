@@ -37,7 +37,7 @@ def test_registry_param_hooks_report_position_and_grad() -> None:
     b = nn.Parameter(torch.ones(2))
     seen: list[tuple[int, torch.Tensor]] = []
     with HookRegistry() as registry:
-        registry.add_param_hooks([a, b], lambda i, g: seen.append((i, g.clone())))
+        registry.add_param_hooks([a, b], lambda i, p: seen.append((i, p.grad.clone())))
         assert len(registry) == 2
         (a.sum() * 2 + b.sum() * 3).backward()
     assert sorted(i for i, _ in seen) == [0, 1]

@@ -25,7 +25,7 @@ class Hooked:
     def _hook(self, index: int):  # type: ignore[no-untyped-def]
         def hook(param: torch.Tensor) -> None:
             assert param.grad is not None
-            self.tracker.on_accumulated(index, param.grad)
+            self.tracker.on_accumulated(index, param)
 
         return hook
 
@@ -167,7 +167,7 @@ def test_tied_parameter_counts_once_per_pass() -> None:
     embedding = nn.Embedding(5, 3)
     tracker = GradientTracker(1)
     embedding.weight.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
-        lambda p: tracker.on_accumulated(0, p.grad)
+        lambda p: tracker.on_accumulated(0, p)
     )
     tokens = torch.tensor([[1, 2, 3]])
     (embedding(tokens) @ embedding.weight.t()).sum().backward()
