@@ -147,8 +147,7 @@ class TensorBoardSink:
         """Draws the gradient-flow figure (a few milliseconds) at the histogram step itself."""
         try:
             image = gradient_flow_image(names, histograms)
-            if image is not None:
-                self._emit(step, [_image("gradwatch/grad_flow", image)])
+            value = None if image is None else _image("gradwatch/grad_flow", image)
         except Exception as error:  # a broken figure must never stop training
             self._figure_broken = True
             warnings.warn(
@@ -157,6 +156,9 @@ class TensorBoardSink:
                 RuntimeWarning,
                 stacklevel=4,
             )
+            return
+        if value is not None:
+            self._emit(step, [value])  # a failed write is the sink's failure, not the figure's
 
     def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
         self._emit(
