@@ -112,8 +112,12 @@ def _row(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
 def _sample(numel: int, device: torch.device) -> torch.Tensor:
     """``SAMPLE`` positions in ``range(numel)``, the same ones at every step, in increasing order
     (drawn from a generator of their own: the user's random state is not touched)."""
-    generator = torch.Generator(device).manual_seed(numel)
-    positions = torch.randint(0, numel, (SAMPLE,), generator=generator, device=device)
+    try:
+        generator = torch.Generator(device).manual_seed(numel)
+        positions = torch.randint(0, numel, (SAMPLE,), generator=generator, device=device)
+    except (RuntimeError, TypeError):  # a device without generators of its own: draw on the CPU
+        generator = torch.Generator().manual_seed(numel)
+        positions = torch.randint(0, numel, (SAMPLE,), generator=generator).to(device)
     return positions.sort().values
 
 
