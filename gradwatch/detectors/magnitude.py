@@ -226,11 +226,11 @@ class MagnitudeDetector:
             int(group): deque(values, maxlen=self.history)
             for group, values in state["totals"].items()
         }
-        self._param_history = state["param_history"].clone()
-        self._param_count = state["param_count"].clone()
-        self._reference = state["reference"].clone()
+        self._param_history = _host_copy(state["param_history"])
+        self._param_count = _host_copy(state["param_count"])
+        self._reference = _host_copy(state["reference"])
         self._depth_streak = {int(g): int(s) for g, s in state["depth_streak"].items()}
-        self._zero_streak = state["zero_streak"].clone()
+        self._zero_streak = _host_copy(state["zero_streak"])
 
 
 def _median(values: deque[float] | tuple[()]) -> float:
@@ -245,3 +245,9 @@ def _lower_median(values: np.ndarray) -> float:
     """The lower of the two middle values when their number is even (as ``torch.median``)."""
     middle = (len(values) - 1) // 2
     return float(np.partition(values, middle)[middle])
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of saved history: the detector works on it through numpy views, wherever the
+    checkpoint was loaded to."""
+    return tensor.detach().to("cpu", copy=True)
