@@ -9,12 +9,10 @@ tracker from one post-accumulate-grad hook per parameter.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
-import threading
 import warnings
-import weakref
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,48 +27,33 @@ from gradwatch._histograms import (
     histogram_rows,
     statistics_dtype,
 )
+from gradwatch._reporting import Reporter
 from gradwatch._stats import HostCopy, NormPlan, gradient_norms, max_abs
+from gradwatch._steppers import Stepper, Steppers, StepState
 from gradwatch._tracker import GradientTracker
 from gradwatch.detectors import (
-    AccumulationDetector,
+    REGISTRY,
+    RELEASE_1_ORDER,
     CheckContext,
-    CoverageDetector,
     Detector,
-    MagnitudeDetector,
-    NumericsDetector,
     ParamTable,
+    Phase,
+    Setup,
 )
 from gradwatch.detectors.base import by_arrival
 from gradwatch.findings import (
     Finding,
-    GradientError,
     GradWatchTypeError,
     GradWatchValueError,
-    GradWatchWarning,
     Kind,
 )
-from gradwatch.sinks import GuardedSinks, Sink
+from gradwatch.sinks.base import FanOut, Sink
 
 _NON_FINITE = frozenset((Kind.NAN, Kind.INF))
 
-
-@dataclasses.dataclass(eq=False)
-class _Stepper:
-    """What the watcher knows about one optimizer."""
-
-    group: int
-    optimizer: weakref.ref[torch.optim.Optimizer]
-    signature: tuple[tuple[int, int], ...] = ()
-    positions: list[int] = dataclasses.field(default_factory=list)
-    position_set: frozenset[int] = frozenset()
-    steps: int = 0
-    window_start_pass: int = 0
-    reached_passes: int = 0
-    """Backward passes that gave gradients to at least one of this optimizer's parameters."""
-    counted_passes: int = 0
-    deferred: bool = False
-    plan: tuple[tuple[int, ...], NormPlan] | None = None
-    """The norm plan of the last check, for the positions that had gradients then."""
+STATE_VERSION = 1
+"""The monitor's state format. Detector states are saved by detector name (a dict); the list
+by position that gradwatch 0.1 wrote is still read."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -88,22 +71,32 @@ class _PendingCheck:
     context: CheckContext
     copy: HostCopy
     extras: _Extras | None = None
+    grads: list[torch.Tensor] | None = None
+    """The checked gradients, kept only while the check is processed at once (to tell a real
+    Inf from an overflowing square)."""
 
 
 class Monitor:
     """Gradient checks of one model's parameters, for any number of optimizers.
 
+    Three stages, each its own object: the optimizers (:class:`~gradwatch._steppers.Steppers`:
+    which optimizers, which parameters each updates, each one's :class:`StepState`), the
+    statistics pass of a check (here: one foreach pass of norms, histogram rows and weight norms
+    packed into one device tensor, one host copy, detectors by phase), and the reporting
+    (:class:`~gradwatch._reporting.Reporter`: ignore, tolerate, de-duplicate, sinks, policy).
+
     Args:
         named: The watched parameters with their qualified names.
         optimizers: The optimizers to check; empty to adopt every optimizer that steps any of
-            these parameters (``follow_all``).
-        accumulation_steps, options, on_finding, on_nonfinite: As validated by ``watch()``.
+            these parameters.
+        accumulation_steps, options, on_finding, on_nonfinite: As validated by the front end.
         sinks: Outputs; the monitor closes them.
         histogram_every: Optimizer steps between gradient histograms sent to the sinks (at steps
             that are multiples of it; 0 for none).
         ratio_every: Optimizer steps between ``lr * |grad| / |weight|`` ratios sent to the
             sinks (0 for none).
         histogram_bins: Buckets per histogram.
+        detectors: The detector classes to run (default: every registered one).
     """
 
     def __init__(
@@ -115,70 +108,51 @@ class Monitor:
         options: _options.DetectorOptions,
         on_finding: _options.OnFinding,
         on_nonfinite: _options.OnNonFinite = "report",
-        sinks: Sequence[Sink] = (),
+        sinks: Sequence[Sink] | FanOut = (),
         histogram_every: int = 0,
         ratio_every: int = 0,
         histogram_bins: int = DEFAULT_BINS,
+        detectors: Sequence[type[Detector]] = REGISTRY,
     ) -> None:
         self.accumulation_steps = accumulation_steps
         self.histogram_every = histogram_every
         self.ratio_every = ratio_every
         self.histogram_bins = histogram_bins
         self.options = options
-        self._on_finding = on_finding
         check_parameters(named)
         self._skip_nonfinite = on_nonfinite == "skip"
         self._warned_closure = False
         self._table = ParamTable.from_named(named)
         self.tracker = GradientTracker(len(self._table))
         self._tracker = self.tracker
-        self._lock = threading.RLock()
-        self._findings: list[Finding] = []
-        self._occurrences: collections.Counter[tuple[Kind, str | None]] = collections.Counter()
-        self._pending: collections.deque[_PendingCheck] = collections.deque()
-        self._position = {id(p): i for i, p in enumerate(self._table.params)}
+        self._pending: deque[_PendingCheck] = deque()
         self._name_position = {name: i for i, name in enumerate(self._table.names)}
-        self._steppers: dict[int, _Stepper] = {}
-        self._follow_all = not optimizers
-        self._optimized_cache: frozenset[int] | None = None
-        self._saved_steps: dict[int, int] = {}
-        self._detectors: list[Detector] = [
-            AccumulationDetector(accumulation_steps),
-            CoverageDetector(
-                options.no_grad_after, self._optimized_positions, self._passes_reaching
-            ),
-            NumericsDetector(),
-            MagnitudeDetector(
-                len(self._table),
-                explode_factor=options.explode_factor,
-                max_grad_norm=options.max_grad_norm,
-                warmup_steps=options.warmup_steps,
-                history=options.history,
-                vanish_ratio=options.vanish_ratio,
-                vanish_steps=options.vanish_steps,
-            ),
-        ]
-        self._sinks = GuardedSinks(list(sinks))
-        for optimizer in optimizers:
-            self._steppers[id(optimizer)] = self._new_stepper(optimizer)
+        self._steppers = Steppers(
+            self._table.params,
+            optimizers,
+            self.tracker,
+            accumulation_steps=accumulation_steps,
+            no_grad_after=options.no_grad_after,
+        )
+        setup = Setup(options, len(self._table), accumulation_steps)
+        self._detectors: list[Detector] = [detector(setup) for detector in detectors]
+        self._sinks = sinks if isinstance(sinks, FanOut) else FanOut(list(sinks))
+        self._reporter = Reporter(options.ignore, on_finding, self._sinks)
 
     @property
     def findings(self) -> list[Finding]:
         """The first occurrence of each (kind, parameter), in the order found."""
-        with self._lock:
-            return list(self._findings)
+        return self._reporter.findings
 
     @property
     def occurrences(self) -> dict[tuple[Kind, str | None], int]:
         """How many checks showed each (kind, parameter) so far."""
-        with self._lock:
-            return dict(self._occurrences)
+        return self._reporter.occurrences
 
     @property
     def step(self) -> int:
         """Optimizer steps taken so far (the most any watched optimizer has taken)."""
-        saved = self._saved_steps.values()
-        return max((*saved, *(s.steps for s in self._steppers.values())), default=0)
+        return self._steppers.step
 
     @property
     def param_names(self) -> list[str]:
@@ -198,20 +172,20 @@ class Monitor:
             self._sinks.close()
             self._table.params.clear()
 
+    # ------------------------------------------------------------------ state
+
     def state_dict(self) -> dict[str, Any]:
-        """Step counts, detector history and findings, for resuming a run."""
-        with self._lock:
-            return {
-                "version": 1,
-                "param_names": list(self._table.names),
-                "steps": {s.group: s.steps for s in self._steppers.values()},
-                "tracker": self._tracker.state_dict(),
-                "detectors": [d.state_dict() for d in self._detectors],
-                "findings": [_finding_to_dict(f) for f in self._findings],
-                "occurrences": [
-                    [kind.value, param, count] for (kind, param), count in self._occurrences.items()
-                ],
-            }
+        """Step counts, detector history (by detector name) and findings, for resuming a run."""
+        findings, occurrences = self._reporter.state()
+        return {
+            "version": STATE_VERSION,
+            "param_names": list(self._table.names),
+            "steps": {s.group: s.steps for s in self._steppers},
+            "tracker": self._tracker.state_dict(),
+            "detectors": {d.name: d.state_dict() for d in self._detectors},
+            "findings": [f.to_dict() for f in findings],
+            "occurrences": occurrences,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved, for the same model.
@@ -225,9 +199,9 @@ class Monitor:
             raise GradWatchTypeError(
                 f"state must be a dict from state_dict(), got {type(state).__name__}"
             )
-        if state.get("version") != 1:
+        if state.get("version") != STATE_VERSION:
             raise GradWatchValueError(
-                f"state must come from state_dict() (version 1), got version "
+                f"state must come from state_dict() (version {STATE_VERSION}), got version "
                 f"{state.get('version')!r}"
             )
         if state.get("param_names") != self._table.names:
@@ -235,44 +209,55 @@ class Monitor:
                 "state was saved for a model with different parameters; expected "
                 f"{len(self._table.names)} parameters named as this model's"
             )
-        with self._lock:
-            previous = self.state_dict()
-            previous_saved = dict(self._saved_steps)
-            try:
-                self._load(state)
-            except (AttributeError, KeyError, TypeError, ValueError) as error:
-                self._load(previous)
-                self._saved_steps = previous_saved
-                raise GradWatchValueError(
-                    f"state could not be loaded into this watcher (saved with other detector "
-                    f"options?): {error}"
-                ) from error
+        previous = self.state_dict()
+        previous_saved = dict(self._steppers.saved_steps)
+        try:
+            self._load(state)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            self._load(previous)
+            self._steppers.saved_steps = previous_saved
+            raise GradWatchValueError(
+                f"state could not be loaded into this watcher (saved with other detector "
+                f"options?): {error}"
+            ) from error
 
     def _load(self, state: dict[str, Any]) -> None:
-        self._saved_steps = {int(g): int(n) for g, n in state["steps"].items()}
-        for stepper in self._steppers.values():
-            stepper.steps = self._saved_steps.get(stepper.group, stepper.steps)
+        self._steppers.load_steps({int(g): int(n) for g, n in state["steps"].items()})
         self._tracker.load_state_dict(state["tracker"])
-        for detector, detector_state in zip(self._detectors, state["detectors"], strict=True):
-            detector.load_state_dict(detector_state)
-        self._findings = [_finding_from_dict(d) for d in state["findings"]]
-        self._occurrences = collections.Counter(
-            {(Kind(kind), param): int(count) for kind, param, count in state["occurrences"]}
-        )
+        saved = state["detectors"]
+        if isinstance(saved, list):  # written by gradwatch 0.1: by position
+            if len(saved) != len(RELEASE_1_ORDER):
+                raise ValueError(
+                    f"'detectors' holds {len(saved)} states, gradwatch 0.1 saved "
+                    f"{len(RELEASE_1_ORDER)}"
+                )
+            saved = dict(zip(RELEASE_1_ORDER, saved, strict=True))
+        if not isinstance(saved, dict):
+            raise TypeError(f"'detectors' is {type(saved).__name__}, not a dict")
+        for detector in self._detectors:
+            # A detector added since the state was saved starts afresh.
+            if detector.name in saved:
+                detector.load_state_dict(saved[detector.name])
+        findings = [Finding.from_dict(d) for d in state["findings"]]
+        occurrences = {
+            (Kind(kind), param): int(count) for kind, param, count in state["occurrences"]
+        }
+        self._reporter.load(findings, occurrences)
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ optimizer step hooks
+    # What ``watch()`` registers around every watched ``optimizer.step()``.
 
     def before_step(
         self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        stepper = self._stepper_for(optimizer)
+        stepper = self._steppers.get(optimizer)
         if stepper is None:
             return
         # torch passes step()'s positional arguments with the optimizer itself first.
         positional = args[1:] if args and args[0] is optimizer else args
         if kwargs.get("closure") is not None or any(a is not None for a in positional):
             # The closure computes the gradients inside step(): check them after it.
-            stepper.deferred = True
+            stepper.state = StepState.DEFERRED
             if self._skip_nonfinite and not self._warned_closure:
                 self._warned_closure = True
                 warnings.warn(
@@ -284,25 +269,80 @@ class Monitor:
                     stacklevel=3,
                 )
             return
-        self._check(stepper, before_update=True)
+        self._check(stepper, stepper.steps, before_update=True)
 
     def after_step(
         self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        stepper = self._stepper_for(optimizer)
+        stepper = self._steppers.get(optimizer)
         if stepper is None:
             return
-        if stepper.deferred:
-            stepper.deferred = False
-            self._check(stepper, before_update=False)
+        if stepper.state is StepState.DEFERRED:
+            self._check(stepper, stepper.steps, before_update=False)
         params = self._table.params
         self._tracker.on_stepped(stepper.positions, [params[i].grad for i in stepper.positions])
-        stepper.steps += 1
-        stepper.window_start_pass = self._tracker.backward_passes
+        self._steppers.stepped(stepper)
 
-    # ------------------------------------------------------------------ checks
+    # ------------------------------------------------------------------ front ends driving checks
+    # For a front end that decides itself when a check happens (the framework callbacks check
+    # from their framework's hooks instead of optimizer step pre-hooks).
 
-    def _check(self, stepper: _Stepper, *, before_update: bool) -> None:
+    def check(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        step: int | None = None,
+        tolerate: Sequence[Kind] = (),
+    ) -> bool:
+        """Check ``optimizer``'s gradients now, as :meth:`before_step` does before a step.
+
+        Args:
+            optimizer: A watched optimizer (or any, when following all); others are ignored.
+            step: The step that labels this check's findings and statistics (default: the
+                optimizer's own count of steps).
+            tolerate: Kinds expected at this check, not reported (and not counted) for it: the
+                non-finite gradients of a step that a ``GradScaler`` is about to skip. With
+                ``on_nonfinite="skip"`` such gradients are left to the scaler, not cleared.
+
+        Returns:
+            Whether a check ran: not for an optimizer that updates no watched parameter, nor
+            for one checked already at this ``step`` without having stepped since (a closure
+            evaluated again within one step, as LBFGS does).
+
+        With ``on_nonfinite="skip"``, call it before the optimizer reads the gradients: when they
+        are not finite it clears them (``.grad = None``) before returning or raising.
+        Pair each check with :meth:`stepped` once the optimizer has really stepped.
+        """
+        stepper = self._steppers.get(optimizer)
+        if stepper is None:
+            return False
+        label = stepper.steps if step is None else step
+        if stepper.state in (StepState.CHECKED, StepState.SKIPPED) and stepper.label == label:
+            return False
+        self._reporter.tolerate(label, tolerate)
+        self._check(stepper, label, before_update=True)
+        return True
+
+    def state_of(self, optimizer: torch.optim.Optimizer) -> StepState | None:
+        """Where ``optimizer`` is in its step's life cycle; ``None`` if it is not checked.
+
+        ``CHECKED`` before a new check means the step after the last check never ran (a
+        ``GradScaler`` skipped it).
+        """
+        stepper = self._steppers.get(optimizer)
+        return None if stepper is None else stepper.state
+
+    def stepped(self, optimizer: torch.optim.Optimizer) -> None:
+        """Record that ``optimizer`` stepped with the gradients it holds now (after a check)."""
+        self.after_step(optimizer, (), {})
+
+    def drain(self) -> None:
+        """Report every check still in flight now; ``on_finding="raise"`` does not raise here."""
+        self._drain(block=True, raising=False)
+
+    # ------------------------------------------------------------------ the statistics pass
+
+    def _check(self, stepper: Stepper, label: int, *, before_update: bool) -> None:
         params = self._table.params
         positions: list[int] = []
         grads: list[torch.Tensor] = []
@@ -311,18 +351,21 @@ class Monitor:
             if grad is not None:
                 positions.append(i)
                 grads.append(grad)
-        self._count_reaching_passes(stepper, positions)
+        stepper.label = label
+        stepper.state = StepState.CHECKED
+        self._steppers.count_reaching_passes(stepper, positions)
         context = CheckContext(
-            step=stepper.steps,
+            step=label,
             group=stepper.group,
             indices=positions,
             table=self._table,
             tracker=self._tracker,
             window_start_pass=stepper.window_start_pass,
+            coverage=self._steppers.coverage(),
         )
-        findings = self._run(context, statistics=False)
+        findings = self._run(context, Phase.AT_CHECK)
         norms = self._plan(stepper, positions, grads).norms(grads)
-        extras = self._extras_due(stepper, positions)
+        extras = self._extras_due(stepper, label, positions)
         if extras is not None:
             norms = self._pack(norms, extras, positions, grads)
         copy = HostCopy(norms)  # the one device-to-host copy of this check
@@ -333,17 +376,16 @@ class Monitor:
         skipping = self._skip_nonfinite and before_update
         self._drain(block=skipping, raising=True)  # earlier checks still in flight come first
         if skipping or (copy.ready() and not self._pending):
-            context.max_abs = lambda where: max_abs([grads[j] for j in where])
-            checked = self._process(context, copy, extras)
+            checked = self._process(_PendingCheck(context, copy, extras, grads))
             if skipping:
                 checked += self._skip_if_nonfinite(stepper, context, checked)
             findings += checked
         else:
             self._pending.append(_PendingCheck(context, copy, extras))
-        self._report(findings)
+        self._reporter.report(findings)
 
     def _skip_if_nonfinite(
-        self, stepper: _Stepper, context: CheckContext, findings: list[Finding]
+        self, stepper: Stepper, context: CheckContext, findings: list[Finding]
     ) -> list[Finding]:
         """Clear the optimizer's gradients when this check found NaN/Inf; the finding saying so.
 
@@ -352,13 +394,16 @@ class Monitor:
         ``torch.optim`` optimizer passes over a parameter whose ``.grad`` is ``None``: its weight,
         its state (momentum, moments, step count) and its weight decay are left untouched.
         """
-        nonfinite = [f for f in findings if f.kind in _NON_FINITE and not self._is_tolerated(f)]
+        nonfinite = [
+            f for f in findings if f.kind in _NON_FINITE and not self._reporter.is_tolerated(f)
+        ]
         optimizer = stepper.optimizer()
         if not nonfinite or optimizer is None:
             return []
         for group in optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
+        stepper.state = StepState.SKIPPED
         positions = {self._name_position[name] for f in nonfinite for name in f.params}
         names = tuple(self._table.names[i] for i in by_arrival(context, sorted(positions)))
         return [
@@ -366,7 +411,7 @@ class Monitor:
         ]
 
     @staticmethod
-    def _plan(stepper: _Stepper, positions: list[int], grads: list[torch.Tensor]) -> NormPlan:
+    def _plan(stepper: Stepper, positions: list[int], grads: list[torch.Tensor]) -> NormPlan:
         key = tuple(positions)
         if stepper.plan is not None and stepper.plan[0] == key:
             return stepper.plan[1]
@@ -376,15 +421,11 @@ class Monitor:
 
     def _drain(self, *, block: bool, raising: bool) -> None:
         while self._pending and (block or self._pending[0].copy.ready()):
-            pending = self._pending.popleft()
-            self._report(
-                self._process(pending.context, pending.copy, pending.extras), raising=raising
-            )
+            self._reporter.report(self._process(self._pending.popleft()), raising=raising)
 
-    def _extras_due(self, stepper: _Stepper, positions: list[int]) -> _Extras | None:
+    def _extras_due(self, stepper: Stepper, step: int, positions: list[int]) -> _Extras | None:
         if not self._sinks or not positions:
             return None
-        step = stepper.steps
         histograms = bool(self.histogram_every) and step % self.histogram_every == 0
         ratios = bool(self.ratio_every) and step % self.ratio_every == 0
         if not (histograms or ratios):
@@ -413,14 +454,13 @@ class Monitor:
             parts.append(gradient_norms(weights).to(norms.device, dtype, non_blocking=True))
         return torch.cat(parts)
 
-    def _process(
-        self, context: CheckContext, copy: HostCopy, extras: _Extras | None = None
-    ) -> list[Finding]:
-        host = copy.wait()
+    def _process(self, pending: _PendingCheck) -> list[Finding]:
+        context, extras = pending.context, pending.extras
+        host = pending.copy.wait()
         count = len(context.indices)
-        # A fresh tensor, which detectors may adjust in place.
         context.norms = host if extras is None else host[:count].float()
-        findings = self._run(context, statistics=True)
+        context.magnitudes, context.overflowed = _magnitudes(context.norms, pending.grads)
+        findings = self._run(context, Phase.STATISTICS)
         if self._sinks:
             norms = context.norms
             finite = norms[torch.isfinite(norms)]
@@ -447,162 +487,32 @@ class Monitor:
             lrs = torch.tensor(extras.learning_rates, dtype=torch.float64)
             self._sinks.write_update_ratios(step, names, lrs * grad_norms / weight_norms)
 
-    def _run(self, context: CheckContext, *, statistics: bool) -> list[Finding]:
+    def _run(self, context: CheckContext, phase: Phase) -> list[Finding]:
         findings: list[Finding] = []
         for detector in self._detectors:
-            if detector.needs_statistics == statistics:
+            if detector.phase is phase:
                 findings.extend(detector.check(context))
         return findings
 
-    def _report(self, findings: list[Finding], *, raising: bool = True) -> None:
-        new: list[Finding] = []
-        with self._lock:
-            for finding in findings:
-                if finding.kind in self.options.ignore or self._is_tolerated(finding):
-                    continue
-                key = (finding.kind, finding.param)
-                self._occurrences[key] += 1
-                if self._occurrences[key] == 1:
-                    self._findings.append(finding)
-                    new.append(finding)
-        for finding in new:
-            self._sinks.write_finding(finding)
-        for finding in new:
-            self._apply_policy(finding, raising=raising)
 
-    def _apply_policy(self, finding: Finding, *, raising: bool) -> None:
-        policy = self._on_finding
-        if policy == "warn":
-            warnings.warn(GradWatchWarning(finding), stacklevel=4)
-        elif policy == "raise":
-            if raising:
-                raise GradientError(finding)
-        elif callable(policy):
-            policy(finding)
-
-    # ------------------------------------------------------------------ optimizers
-
-    def _new_stepper(self, optimizer: torch.optim.Optimizer) -> _Stepper:
-        stepper = _Stepper(group=len(self._steppers), optimizer=weakref.ref(optimizer))
-        self._refresh(stepper, optimizer)
-        stepper.window_start_pass = self._tracker.backward_passes
-        stepper.steps = self._saved_steps.get(stepper.group, 0)
-        return stepper
-
-    def _stepper_for(self, optimizer: torch.optim.Optimizer) -> _Stepper | None:
-        stepper = self._steppers.get(id(optimizer))
-        if stepper is not None and stepper.optimizer() is not optimizer:
-            stepper = None  # a new optimizer reusing a dead one's id
-            del self._steppers[id(optimizer)]
-        if stepper is None:
-            if not self._follow_all:
-                return None
-            stepper = self._new_stepper(optimizer)
-            self._steppers[id(optimizer)] = stepper
-            self._optimized_cache = None
-        else:
-            self._refresh(stepper, optimizer)
-        return stepper if stepper.positions else None
-
-    def _refresh(self, stepper: _Stepper, optimizer: torch.optim.Optimizer) -> None:
-        signature = tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
-        if signature == stepper.signature:
-            return
-        stepper.signature = signature
-        position = self._position
-        ids = (id(p) for group in optimizer.param_groups for p in group["params"])
-        stepper.position_set = frozenset(position[i] for i in ids if i in position)
-        stepper.positions = sorted(stepper.position_set)
-        self._optimized_cache = None
-
-    def _count_reaching_passes(self, stepper: _Stepper, positions: list[int]) -> None:
-        passes = self.tracker.backward_passes
-        start = max(stepper.window_start_pass, stepper.counted_passes)
-        last_pass = self.tracker.last_pass
-        if any(last_pass[i] >= start for i in positions):
-            # Passes of other optimizers may fall in the same window: count at most the passes
-            # one step is declared to accumulate.
-            stepper.reached_passes += min(passes - start, self.accumulation_steps)
-        stepper.counted_passes = passes
-
-    def _passes_reaching(self, positions: list[int]) -> list[int]:
-        steppers = list(self._steppers.values())
-        unowned = self.tracker.backward_passes
-        if self._follow_all and self._optimized_positions() is None:
-            unowned = 0  # whose parameter it is may not be known yet
-        return [
-            max((s.reached_passes for s in steppers if i in s.position_set), default=unowned)
-            for i in positions
-        ]
-
-    def _optimized_positions(self) -> frozenset[int] | None:
-        if self._follow_all and (
-            not any(s.positions for s in self._steppers.values())
-            or self._tracker.backward_passes < self.options.no_grad_after
-        ):
-            return None
-        if self._optimized_cache is None:
-            self._optimized_cache = frozenset(
-                i for s in self._steppers.values() for i in s.positions
-            )
-        return self._optimized_cache
-
-    # ------------------------------------------------------------------ front ends driving checks
-    # For a front end that decides itself when a check happens (the Lightning callback checks
-    # from Lightning's hooks instead of optimizer step pre-hooks). Additive: ``watch()`` does not
-    # use these.
-
-    _tolerated: tuple[tuple[int, frozenset[Kind]], ...] = ()
-    """(step, kinds) of recent checks at which those kinds are expected, not findings."""
-
-    def check(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        step: int | None = None,
-        tolerate: Sequence[Kind] = (),
-    ) -> None:
-        """Check ``optimizer``'s gradients now, as :meth:`before_step` does before a step.
-
-        Args:
-            optimizer: A watched optimizer (or any, when following all); others are ignored.
-            step: The step that labels this check's findings and statistics (default: the
-                optimizer's own count of steps).
-            tolerate: Kinds expected at this check, not reported (and not counted) for it: the
-                non-finite gradients of a step that a ``GradScaler`` is about to skip. With
-                ``on_nonfinite="skip"`` such gradients are left to the scaler, not cleared.
-
-        With ``on_nonfinite="skip"``, call it before the optimizer reads the gradients: when they
-        are not finite it clears them (``.grad = None``) before returning or raising.
-        Pair each check with :meth:`stepped` once the optimizer has really stepped.
-        """
-        stepper = self._stepper_for(optimizer)
-        if stepper is None:
-            return
-        label = stepper.steps if step is None else step
-        kept = tuple((s, kinds) for s, kinds in self._tolerated if s != label)
-        if tolerate:
-            kept = (*kept, (label, frozenset(tolerate)))
-        self._tolerated = kept[-64:]  # checks still in flight are at most a few steps old
-        own_steps = stepper.steps
-        stepper.steps = label
-        try:
-            self._check(stepper, before_update=True)
-        finally:
-            stepper.steps = own_steps
-
-    def stepped(self, optimizer: torch.optim.Optimizer) -> None:
-        """Record that ``optimizer`` stepped with the gradients it holds now (after a check)."""
-        self.after_step(optimizer, (), {})
-
-    def drain(self) -> None:
-        """Report every check still in flight now; ``on_finding="raise"`` does not raise here."""
-        self._drain(block=True, raising=False)
-
-    def _is_tolerated(self, finding: Finding) -> bool:
-        return any(
-            step == finding.step and finding.kind in kinds for step, kinds in self._tolerated
-        )
+def _magnitudes(
+    norms: torch.Tensor, grads: list[torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``norms`` with each infinite norm of finite values (squares overflowing float32) replaced
+    by the largest |value|, and where that was so; only while the gradients are at hand."""
+    if grads is None or bool(torch.isfinite(norms).all()):
+        return norms, None
+    positions = torch.isinf(norms).nonzero().flatten().tolist()
+    if not positions:
+        return norms, None
+    largest = max_abs([grads[j] for j in positions])  # the check's answer is on the host already
+    magnitudes = norms.clone()
+    overflowed = torch.zeros(len(norms), dtype=torch.bool)
+    for position, value in zip(positions, largest.tolist(), strict=True):
+        if math.isfinite(value):
+            overflowed[position] = True
+            magnitudes[position] = value  # a lower bound of the norm, for the exploding check
+    return magnitudes, overflowed
 
 
 def check_parameters(named: Sequence[tuple[str, nn.Parameter]]) -> None:
@@ -651,21 +561,3 @@ def format_summary(
         lines.append(f"  [{f.kind.value}] {f.param or '(model)'}{again}")
         lines.append(f"      {f.message}")
     return "\n".join(lines)
-
-
-def _finding_to_dict(finding: Finding) -> dict[str, Any]:
-    data = dataclasses.asdict(finding)
-    data["kind"] = finding.kind.value
-    data["params"] = list(finding.params)
-    return data
-
-
-def _finding_from_dict(data: dict[str, Any]) -> Finding:
-    return Finding(
-        kind=Kind(data["kind"]),
-        step=int(data["step"]),
-        param=data["param"],
-        value=data["value"],
-        threshold=data["threshold"],
-        params=tuple(data["params"]),
-    )

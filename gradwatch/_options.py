@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from gradwatch import _checks
+from gradwatch.detectors import declared_options
 from gradwatch.findings import Finding, GradWatchTypeError, GradWatchValueError, Kind
 
 POLICIES = ("warn", "raise", "record")
 
-MAX_HISTORY = 10_000
-"""Upper bound of ``history`` (and so of ``warmup_steps``): the detector keeps ``history`` norms
-per parameter, and a mistyped huge value would otherwise fail deep inside torch's allocator."""
+MAX_HISTORY = _checks.MAX_HISTORY
+check_int_at_least = _checks.check_int_at_least
+_int_at_least = _checks.int_at_least
+_number_above = _checks.number_above
 
 OnFinding = str | Callable[[Finding], Any]
 
@@ -23,59 +25,63 @@ OnNonFinite = Literal["report", "skip"]
 NONFINITE_POLICIES: tuple[OnNonFinite, ...] = ("report", "skip")
 
 
-@dataclasses.dataclass(frozen=True)
 class DetectorOptions:
-    """Thresholds of the detectors; every field is a keyword argument of ``watch()``."""
+    """Thresholds of the detectors: every option a registered detector declares, and ``ignore``.
 
-    no_grad_after: int = 5
-    explode_factor: float = 1000.0
-    max_grad_norm: float | None = 1e6
-    warmup_steps: int = 5
-    history: int = 32
-    vanish_ratio: float = 1e-3
-    vanish_steps: int = 5
-    ignore: frozenset[Kind] = frozenset()
+    A frozen dataclass whose fields are built from :data:`gradwatch.detectors.REGISTRY` (each
+    detector's ``options``, in registry order, then ``ignore``); every field is a keyword argument
+    of ``watch()`` and of the callbacks. :meth:`from_kwargs` validates.
+    """
+
+    ignore: frozenset[Kind]
+
+    if TYPE_CHECKING:
+        # The detectors' options are fields made from the registry below: typed here as Any.
+        def __init__(self, **values: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every option by name, in registry order, ``ignore`` last."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     @classmethod
-    def check_names(cls, kwargs: dict[str, Any]) -> None:
-        allowed = [f.name for f in dataclasses.fields(cls)]
+    def names(cls) -> list[str]:
+        """Every option's name, in registry order, ``ignore`` last."""
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def check_names(cls, kwargs: dict[str, Any], entry: str = "watch()") -> None:
+        allowed = cls.names()
         unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
             raise GradWatchTypeError(
-                f"watch() got unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"{entry} got unknown option(s) {', '.join(map(repr, unknown))}; "
                 f"detector options are: {', '.join(allowed)}"
             )
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any]) -> DetectorOptions:
-        cls.check_names(kwargs)
-        values = dict(kwargs)
-        if "ignore" in values:
-            values["ignore"] = _kinds("ignore", values["ignore"])
-        options = cls(**values)
-        options._validate()
-        return options
-
-    def _validate(self) -> None:
-        _int_at_least("no_grad_after", self.no_grad_after, 1)
-        _number_above("explode_factor", self.explode_factor, 1.0)
-        if self.max_grad_norm is not None:
-            _number_above("max_grad_norm", self.max_grad_norm, 0.0)
-        _int_at_least("warmup_steps", self.warmup_steps, 1, maximum=MAX_HISTORY)
-        _int_at_least(
-            "history", self.history, self.warmup_steps, "warmup_steps", maximum=MAX_HISTORY
-        )
-        _number_above("vanish_ratio", self.vanish_ratio, 0.0)
-        if self.vanish_ratio >= 1.0:
-            raise GradWatchValueError(
-                f"vanish_ratio must be a number in (0, 1), got {self.vanish_ratio!r}"
-            )
-        _int_at_least("vanish_steps", self.vanish_steps, 1)
+    def from_kwargs(cls, kwargs: dict[str, Any], entry: str = "watch()") -> DetectorOptions:
+        cls.check_names(kwargs, entry)
+        declared = declared_options()
+        values = {name: kwargs.get(name, option.default) for name, option in declared.items()}
+        for name, option in declared.items():
+            option.check(name, values[name], values)
+        return cls(**values, ignore=_kinds("ignore", kwargs.get("ignore", frozenset())))
 
 
-def check_int_at_least(name: str, value: object, minimum: int) -> int:
-    _int_at_least(name, value, minimum)
-    return value  # type: ignore[return-value]
+def _make_dataclass(cls: type[DetectorOptions]) -> type[DetectorOptions]:
+    annotations: dict[str, Any] = {}
+    for name, option in declared_options().items():
+        annotations[name] = Any
+        setattr(cls, name, option.default)
+    annotations["ignore"] = frozenset[Kind]
+    cls.ignore = frozenset()
+    cls.__annotations__ = annotations
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+DetectorOptions = _make_dataclass(DetectorOptions)  # type: ignore[misc]
 
 
 def check_on_finding(value: object) -> OnFinding:
@@ -179,28 +185,3 @@ def _kinds(name: str, value: object) -> frozenset[Kind]:
             f"{name} must be kinds (or their names) among {', '.join(k.value for k in Kind)}, "
             f"got {value!r}"
         ) from None
-
-
-def _int_at_least(
-    name: str,
-    value: object,
-    minimum: int,
-    minimum_name: str | None = None,
-    *,
-    maximum: int | None = None,
-) -> None:
-    bound = f"{minimum_name} ({minimum})" if minimum_name else str(minimum)
-    allowed = f"an int >= {bound}" + (f" and <= {maximum}" if maximum is not None else "")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise GradWatchTypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        raise GradWatchValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _number_above(name: str, value: object, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise GradWatchTypeError(
-            f"{name} must be a number > {minimum:g}, got {type(value).__name__} {value!r}"
-        )
-    if not (value > minimum) or math.isinf(value):
-        raise GradWatchValueError(f"{name} must be a finite number > {minimum:g}, got {value!r}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gradwatch._version import __version__
-from gradwatch.findings import Kind
+from gradwatch.findings import Finding, Kind
 from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME, SCHEMA_VERSION
 
 EXIT_OK = 0
@@ -172,20 +172,14 @@ def _read_log(path: Path, warn: TextIO) -> list[dict[str, Any]]:
 
 
 def _check_record(record: object) -> dict[str, Any]:
-    """``record`` if it has the fields the report reads, with the types schema 1 gives them."""
+    """``record`` if it has the fields the report reads, with the types schema 1 gives them: a
+    serialised :class:`~gradwatch.Finding` (``Finding.from_dict`` checks it) and its schema."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
-    for field, minimum in (("schema", 1), ("step", 0)):
-        value = record.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
-    Kind(record["kind"])
-    param = record.get("param")
-    params = record.get("params", [])
-    if param is not None and not isinstance(param, str):
-        raise ValueError(f"param must be a string or null, got {param!r}")
-    if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
-        raise ValueError(f"params must be a list of strings, got {params!r}")
+    schema = record.get("schema")
+    if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
+        raise ValueError(f"schema must be an integer >= 1, got {schema!r}")
+    Finding.from_dict({"params": [], "value": None, "threshold": None, **record})
     return record
 
 

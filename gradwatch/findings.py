@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Mapping
 from enum import Enum
+from typing import Any
 
 
 class Kind(str, Enum):
@@ -60,10 +63,77 @@ class Finding:
     @property
     def message(self) -> str:
         """What happened, where, and what to do about it."""
-        return f"step {self.step}: {_DESCRIBE[self.kind](self)}"
+        return f"step {self.step}: {_DESCRIBE.get(self.kind, _generic)(self)}"
 
     def __str__(self) -> str:
         return f"[{self.kind.value}] {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The one serialised form of a finding, shared by state dicts, the findings log and
+        ``gradwatch report``: JSON-safe (NaN and infinities as the strings ``"nan"``, ``"inf"``,
+        ``"-inf"``).
+
+        Example:
+            >>> Finding(Kind.INF, 2, "w", value=float("inf"), params=("w",)).to_dict()
+            {'kind': 'inf', 'step': 2, 'param': 'w', 'params': ['w'], 'value': 'inf',
+             'threshold': None}
+        """
+        return {
+            "kind": self.kind.value,
+            "step": self.step,
+            "param": self.param,
+            "params": list(self.params),
+            "value": _json_number(self.value),
+            "threshold": _json_number(self.threshold),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Finding:
+        """The finding :meth:`to_dict` wrote (extra keys, such as a log record's, are ignored).
+
+        Raises:
+            GradWatchValueError: ``data`` is not such a mapping: a key is missing, or a field has
+                the wrong type or an unknown kind.
+        """
+        try:
+            if not isinstance(data, Mapping):
+                raise TypeError(f"a finding is a mapping, got {type(data).__name__}")
+            kind = Kind(data["kind"])
+            step, param, params = data["step"], data["param"], data["params"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise TypeError(f"step must be an integer >= 0, got {step!r:.40}")
+            if param is not None and not isinstance(param, str):
+                raise TypeError(f"param must be a string or null, got {param!r:.40}")
+            if not isinstance(params, (list, tuple)) or not all(isinstance(n, str) for n in params):
+                raise TypeError(f"params must be a list of strings, got {params!r:.40}")
+            return cls(
+                kind=kind,
+                step=step,
+                param=param,
+                value=_number_from_json("value", data["value"]),
+                threshold=_number_from_json("threshold", data["threshold"]),
+                params=tuple(params),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            detail = f"no key {error}" if isinstance(error, KeyError) else str(error)
+            raise GradWatchValueError(detail) from None
+
+
+def _json_number(value: float | None) -> float | str | None:
+    """JSON has no NaN or Infinity; write those as the strings "nan", "inf", "-inf"."""
+    if value is None or math.isfinite(value):
+        return value
+    return str(value)
+
+
+def _number_from_json(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, null or 'nan'/'inf'/'-inf', got {value!r:.40}")
+    return float(value)
 
 
 def _plural(f: Finding, one: str, many: str) -> str:
@@ -81,82 +151,6 @@ def _names(f: Finding, limit: int = 5) -> str:
 
 def _where(f: Finding) -> str:
     return repr(f.param) if f.param is not None else "the model"
-
-
-def _missing_zero_grad(f: Finding) -> str:
-    return (
-        f"backward() added new gradients on top of the ones the previous optimizer step used "
-        f"({_names(f)}): .grad was not reset between steps. Call optimizer.zero_grad() "
-        f"(or model.zero_grad()) once per step, before loss.backward()."
-    )
-
-
-def _unexpected_accumulation(f: Finding) -> str:
-    return (
-        f"{_fmt_int(f.value)} backward passes accumulated into the gradient of {_names(f)} before "
-        f"this optimizer step, but accumulation_steps={_fmt_int(f.threshold)}. Reset gradients "
-        f"with optimizer.zero_grad() after every step, call backward() once per step, or pass the "
-        f"accumulation_steps you intend to gradwatch.watch()."
-    )
-
-
-def _nan(f: Finding) -> str:
-    return (
-        f"the gradient of {_where(f)} holds NaN (affected, in backward order: {_names(f)}). The "
-        f"first of them is nearest to where the NaN entered: look for log(0), 0/0, sqrt of a "
-        f"negative or an overflowing loss there; torch.autograd.detect_anomaly() names the "
-        f"operation."
-    )
-
-
-def _inf(f: Finding) -> str:
-    return (
-        f"the gradient of {_where(f)} holds +/-Inf or values too large to square in float32 "
-        f"(affected, in backward order: {_names(f)}). Lower the learning rate, clip gradients "
-        f"(torch.nn.utils.clip_grad_norm_), or use torch.amp.GradScaler with float16."
-    )
-
-
-def _exploding(f: Finding) -> str:
-    return (
-        f"the gradient norm reached {_fmt(f.value)}, above the limit {_fmt(f.threshold)} set by "
-        f"its recent history or the absolute ceiling; grew most: {_names(f)}. Lower the learning "
-        f"rate, add warm-up, or clip with torch.nn.utils.clip_grad_norm_."
-    )
-
-
-def _vanishing(f: Finding) -> str:
-    if f.value == 0.0:
-        return (
-            f"the gradient of {_names(f)} has been exactly zero for several steps while other "
-            f"layers learn (dead ReLUs or a saturated activation upstream). Check the "
-            f"initialisation and activations feeding it, or use LeakyReLU/GELU."
-        )
-    return (
-        f"the earliest layers' gradients ({_names(f)}) have been {_fmt(f.value)} times those of "
-        f"the last layers for several steps (limit {_fmt(f.threshold)}): gradients vanish with "
-        f"depth. Use ReLU/GELU instead of sigmoid/tanh, residual connections, normalisation "
-        f"layers or a better initialisation."
-    )
-
-
-def _no_grad(f: Finding) -> str:
-    return (
-        f"{_names(f)} {_plural(f, 'requires', 'require')} grad but received no gradient in "
-        f"{_fmt_int(f.value)} backward passes: not connected to the loss (a .detach(), "
-        f"torch.no_grad(), or a layer the forward pass never uses). Connect "
-        f"{_plural(f, 'it', 'them')}, or freeze {_plural(f, 'it', 'them')} with "
-        f"requires_grad_(False)."
-    )
-
-
-def _not_in_optimizer(f: Finding) -> str:
-    return (
-        f"{_names(f)} {_plural(f, 'receives', 'receive')} gradients but no watched optimizer "
-        f"updates {_plural(f, 'it', 'them')} (created after the optimizer?). Build the optimizer "
-        f"after the model is complete, or add {_plural(f, 'it', 'them')} with "
-        f"optimizer.add_param_group()."
-    )
 
 
 def _skipped_step(f: Finding) -> str:
@@ -177,17 +171,23 @@ def _fmt_int(x: float | None) -> str:
     return "?" if x is None else str(int(x))
 
 
-_DESCRIBE = {
-    Kind.MISSING_ZERO_GRAD: _missing_zero_grad,
-    Kind.UNEXPECTED_ACCUMULATION: _unexpected_accumulation,
-    Kind.NAN: _nan,
-    Kind.INF: _inf,
-    Kind.EXPLODING: _exploding,
-    Kind.VANISHING: _vanishing,
-    Kind.NO_GRAD: _no_grad,
-    Kind.NOT_IN_OPTIMIZER: _not_in_optimizer,
-    Kind.SKIPPED_STEP: _skipped_step,
-}
+_DESCRIBE: dict[Kind, Callable[[Finding], str]] = {Kind.SKIPPED_STEP: _skipped_step}
+"""The message of each kind. ``skipped_step`` belongs to the ``on_nonfinite`` policy; every other
+kind's message is declared by the detector that reports it and registered here by
+:mod:`gradwatch.detectors`."""
+
+
+def register_messages(messages: Mapping[Kind, Callable[[Finding], str]], owner: str) -> None:
+    """Registers the message of each kind a detector declares; a kind has one owner."""
+    for kind, describe in messages.items():
+        known = _DESCRIBE.get(kind)
+        if known is not None and known is not describe:
+            raise RuntimeError(f"the message of kind {kind.value!r} is declared twice ({owner})")
+        _DESCRIBE[kind] = describe
+
+
+def _generic(f: Finding) -> str:
+    return f"{f.kind.value} at {_names(f)} (value {_fmt(f.value)}, threshold {_fmt(f.threshold)})."
 
 
 class GradWatchError(Exception):

@@ -65,42 +65,24 @@ import importlib
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradwatch import _options
-from gradwatch._monitor import (
-    Monitor,
-    _finding_from_dict,
-    _finding_to_dict,
-    check_parameters,
-    format_summary,
-)
-from gradwatch.findings import (
-    Finding,
-    GradientError,
-    GradWatchTypeError,
-    GradWatchValueError,
-    GradWatchWarning,
-    Kind,
-)
-from gradwatch.registry import HookRegistry
-from gradwatch.watcher import RATIO_EVERY, _is_summary_writer, _trainable_parameters
+from gradwatch import _frontend, _options
+from gradwatch._frontend import FrameworkWatch, Settings
+from gradwatch.findings import Finding, Kind
+from gradwatch.sinks.base import Sink
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from lightning.pytorch import Callback as _CallbackBase
-    from torch.utils.tensorboard import SummaryWriter
-
-    from gradwatch.sinks.jsonl import FindingsLog
-    from gradwatch.sinks.tensorboard import TensorBoardSink
 
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
-_STATE_VERSION = 1
-_NON_FINITE = (Kind.NAN, Kind.INF)
+_ENTRY = "GradWatchCallback()"
+_DURING_FIT = "GradWatchCallback"
+"""How errors found during ``fit`` (not in the call the user made) name the callback."""
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -171,105 +153,77 @@ class GradWatchCallback(_CallbackBase):
         accumulation_steps: int | None = None,
         on_finding: _options.OnFinding = "warn",
         on_nonfinite: _options.OnNonFinite = "report",
+        sinks: Sequence[Sink] = (),
         **detector_options: Any,
     ) -> None:
         super().__init__()
-        self._writer: SummaryWriter | None = log_dir if _is_summary_writer(log_dir) else None
-        self.log_dir: str | bool | None
-        if self._writer is not None:
-            self.log_dir = self._writer.get_logdir()
-        else:
-            self.log_dir = False if log_dir is False else _options.check_log_dir(log_dir)
-        self.histogram_every = _options.check_int_at_least("histogram_every", histogram_every, 0)
-        self.accumulation_steps = (
-            None
-            if accumulation_steps is None
-            else _options.check_int_at_least("accumulation_steps", accumulation_steps, 1)
+        self.settings = Settings.validate(
+            _ENTRY,
+            log_dir=log_dir,
+            histogram_every=histogram_every,
+            accumulation_steps=accumulation_steps,
+            on_finding=on_finding,
+            on_nonfinite=on_nonfinite,
+            sinks=sinks,
+            detector_options=detector_options,
+            framework=True,
         )
-        self._on_finding = _options.check_on_finding(on_finding)
-        self.on_nonfinite = _options.check_on_nonfinite(on_nonfinite)
-        try:
-            self.options = _options.DetectorOptions.from_kwargs(detector_options)
-        except GradWatchTypeError as error:
-            raise GradWatchTypeError(str(error).replace("watch()", "GradWatchCallback()")) from None
-        self._registry = HookRegistry()
-        self._monitor: Monitor | None = None
-        self._findings: list[Finding] = []
-        self._published: set[tuple[Kind, str | None]] = set()
-        self._outbox: list[Finding] = []
-        self._saved: dict[str, Any] | None = None
-        """The monitor's state when no fit is running: the last fit's, or a checkpoint's."""
-        self._resume = False
-        """Whether the next fit goes on from :attr:`_saved` (set by :meth:`load_state_dict`)."""
-        self._steps = 0
-        self._occurrences: dict[tuple[Kind, str | None], int] = {}
-        self._rank = 0
-        self._world_size = 1
-        self._logger = logging.getLogger(_NAMESPACES[0])
-        self._tensorboard: TensorBoardSink | None = None
-        self._logs: dict[int, FindingsLog] = {}
-        self._output_dir: str | None = None
-        self._scaler: Any = None
-        self._scale_above_one: bool | None = None
-        self._awaiting_step: dict[int, bool] = {}
-        self._last_checked: dict[int, int] = {}
+        self._core = FrameworkWatch(self.settings, name="GradWatchCallback")
 
     # ------------------------------------------------------------------ public API
 
     @property
+    def log_dir(self) -> str | bool | None:
+        return self.settings.log_dir
+
+    @property
+    def histogram_every(self) -> int:
+        return self.settings.histogram_every
+
+    @property
+    def accumulation_steps(self) -> int | None:
+        return self.settings.accumulation_steps
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self.settings.on_nonfinite
+
+    @property
+    def options(self) -> _options.DetectorOptions:
+        return self.settings.options
+
+    @property
     def findings(self) -> list[Finding]:
         """The first occurrence of each (kind, parameter) on any rank, in the order reported."""
-        return list(self._findings)
+        return self._core.findings
 
     @property
     def occurrences(self) -> dict[tuple[Kind, str | None], int]:
         """How many of this rank's checks showed each (kind, parameter)."""
-        return self._monitor.occurrences if self._monitor is not None else dict(self._occurrences)
+        return self._core.occurrences
 
     @property
     def step(self) -> int:
         """Optimizer steps taken so far (steps a ``GradScaler`` skipped are not counted)."""
-        return self._monitor.step if self._monitor is not None else self._steps
+        return self._core.step
 
     @property
     def output_dir(self) -> str | None:
         """The directory TensorBoard events and the findings log go to (rank zero), if any."""
-        return self._output_dir
+        return self._core.output_dir
 
     @property
     def state_key(self) -> str:
         """Unique per settings, so callbacks with different settings share one checkpoint."""
-        options = self.options
-        policy = self._on_finding
-        return self._generate_state_key(
-            log_dir=self.log_dir,
-            accumulation_steps=self.accumulation_steps,
-            on_finding=policy if isinstance(policy, str) else getattr(policy, "__qualname__", "?"),
-            on_nonfinite=self.on_nonfinite,
-            no_grad_after=options.no_grad_after,
-            explode_factor=options.explode_factor,
-            max_grad_norm=options.max_grad_norm,
-            warmup_steps=options.warmup_steps,
-            history=options.history,
-            vanish_ratio=options.vanish_ratio,
-            vanish_steps=options.vanish_steps,
-            ignore=sorted(kind.value for kind in options.ignore),
-        )
+        return self._generate_state_key(**self.settings.key_fields())
 
     def summary(self) -> str:
         """A readable report of every finding so far."""
-        return format_summary(self.findings, self.occurrences, self.step)
+        return self._core.summary()
 
     def state_dict(self) -> dict[str, Any]:
         """Step counts, detector history and findings, saved in Lightning checkpoints."""
-        monitor = self._monitor.state_dict() if self._monitor is not None else self._saved
-        if monitor is None and not self._findings:
-            return {}
-        return {
-            "version": _STATE_VERSION,
-            "monitor": monitor,
-            "findings": [_finding_to_dict(f) for f in self._findings],
-        }
+        return self._core.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; applied when ``fit`` (re)starts.
@@ -279,126 +233,40 @@ class GradWatchCallback(_CallbackBase):
             GradWatchValueError: ``state_dict`` was not saved by this callback's version; or
                 (at the start of ``fit``) it was saved for another model or other options.
         """
-        if not isinstance(state_dict, dict):
-            raise GradWatchTypeError(
-                f"state_dict must be a dict from GradWatchCallback.state_dict(), got "
-                f"{type(state_dict).__name__}"
-            )
-        if state_dict.get("version") != _STATE_VERSION:
-            raise GradWatchValueError(
-                f"state_dict must come from GradWatchCallback.state_dict() (version "
-                f"{_STATE_VERSION}), got version {state_dict.get('version')!r}"
-            )
-        try:
-            findings = [_finding_from_dict(d) for d in state_dict["findings"]]
-            monitor = state_dict["monitor"]
-            if monitor is not None and not isinstance(monitor, dict):
-                raise TypeError(f"'monitor' is {type(monitor).__name__}, not a dict")
-        except (AttributeError, KeyError, TypeError, ValueError) as error:
-            raise GradWatchValueError(
-                f"state_dict could not be read; it must come from GradWatchCallback.state_dict(): "
-                f"{error!r}"
-            ) from error
-        if self._monitor is not None and monitor is not None:
-            self._monitor.load_state_dict(monitor)
-        else:
-            self._saved = monitor
-            self._resume = True
-        self._findings = findings
-        self._published = {(f.kind, f.param) for f in findings}
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Picklable and deep-copyable between fits (hooks and open outputs stay behind)."""
-        if self._monitor is not None:
-            raise GradWatchValueError(
-                "GradWatchCallback cannot be pickled or copied during fit; do it before or after"
-            )
-        state = dict(self.__dict__)
-        for transient in ("_registry", "_tensorboard", "_logs", "_scaler"):
-            state.pop(transient, None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._registry = HookRegistry()
-        self._tensorboard = None
-        self._logs = {}
-        self._scaler = None
+        self._core.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ Lightning hooks
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close(trainer)
-        named = _trainable_parameters(pl_module)
-        if not named:
-            raise GradWatchValueError(
-                f"GradWatchCallback: {type(pl_module).__name__} has no trainable parameters "
-                f"(none with requires_grad=True) to watch"
-            )
-        check_parameters(named)
-        optimizers = list(trainer.optimizers)
-        optimized = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
-        if not any(id(p) in optimized for _, p in named):
-            raise GradWatchValueError(
-                f"GradWatchCallback: no optimizer from {type(pl_module).__name__}."
-                f"configure_optimizers() updates any of its {len(named)} trainable parameters; "
-                f"there are no optimizer steps to check"
-            )
-        resume, self._resume = self._resume, False
-        if not resume:  # a fit starts afresh unless resumed from a checkpoint
-            self._saved, self._steps, self._occurrences = None, 0, {}
-            self._findings, self._published = [], set()
-        self._rank = trainer.global_rank
-        self._world_size = trainer.world_size
-        self._logger = logging.getLogger(_namespace(trainer))
-        accumulation = self.accumulation_steps or int(trainer.accumulate_grad_batches)
-        sinks = self._open_outputs(trainer)  # on every rank: trainer.log_dir is a collective
-        monitor: Monitor | None = None
-        try:
-            monitor = Monitor(
-                named,
-                optimizers,
-                accumulation_steps=accumulation,
-                options=self.options,
-                on_finding=self._queue,
-                on_nonfinite=self.on_nonfinite,
-                sinks=sinks,
-                histogram_every=self.histogram_every,
-                ratio_every=RATIO_EVERY,
-            )
-            if resume and self._saved is not None:
-                monitor.load_state_dict(self._saved)
-            self._registry.add_param_hooks([p for _, p in named], monitor.tracker.on_accumulated)
-            for optimizer in optimizers:
-                self._registry.add_step_post_hook(optimizer, self._on_step)
-        except BaseException:
-            self._registry.remove()
-            if monitor is not None:
-                monitor.close()
-            self._close_outputs()
-            raise
-        self._monitor = monitor
-        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._scale_above_one = None
-        self._awaiting_step = {}
-        self._last_checked = {}
+        self._core.close()
+        name = type(pl_module).__name__
+        _frontend.eligible_parameters(pl_module, _DURING_FIT, name)  # before any output opens
+        rank = trainer.global_rank
+        outputs = self._open_outputs(
+            trainer, rank
+        )  # on every rank: trainer.log_dir is a collective
+        named = [p for p in pl_module.parameters() if p.requires_grad]
+        self._core.start(
+            pl_module,
+            list(trainer.optimizers),
+            accumulation_steps=self.accumulation_steps or int(trainer.accumulate_grad_batches),
+            rank=rank,
+            world_size=trainer.world_size,
+            outputs=outputs,
+            collective=_StrategyCollective(trainer.strategy),
+            scaler=getattr(trainer.precision_plugin, "scaler", None),
+            logger=logging.getLogger(_namespace(trainer)),
+            subject=name,
+            no_optimizer=(
+                f"{_DURING_FIT}: no optimizer from {name}.configure_optimizers() updates any of "
+                f"its {len(named)} trainable parameters; there are no optimizer steps to check"
+            ),
+        )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        monitor = self._monitor
-        if monitor is None:
-            return
-        step = trainer.global_step
-        key = id(optimizer)
-        if self._last_checked.get(key) == step:
-            return  # a closure evaluated again within one step (LBFGS)
-        self._last_checked[key] = step
-        tolerate = self._tolerated(key)
-        self._awaiting_step[key] = True
-        monitor.check(optimizer, step=step, tolerate=tolerate)
-        if self._world_size == 1:
-            self._publish([(0, f) for f in self._take()], raising=True)
+        self._core.before_optimizer_step(optimizer, trainer.global_step)
 
     def on_train_batch_end(
         self,
@@ -408,221 +276,72 @@ class GradWatchCallback(_CallbackBase):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._monitor is not None:
-            self._publish(self._exchange(trainer), raising=True)
+        self._core.exchange()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._monitor is not None:
-            self._monitor.drain()
-            self._publish(self._exchange(trainer), raising=False)
+        self._core.finish()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close(trainer)
+        self._core.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close(trainer)
+        self._core.close()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._close(trainer)
+        self._core.close()
 
     # ------------------------------------------------------------------ internals
 
-    def _tolerated(self, key: int) -> Sequence[Kind]:
-        """``nan``/``inf`` while a GradScaler's scale is above 1: overflows it will skip."""
-        scaler = self._scaler
-        if scaler is None or not scaler.is_enabled():
-            return ()
-        # The scale only comes down on a skipped step, so it is read (a device sync on CUDA)
-        # only after one, or while it is at or below 1.
-        skipped = self._awaiting_step.get(key, False)
-        if self._scale_above_one is None or skipped or not self._scale_above_one:
-            self._scale_above_one = float(scaler.get_scale()) > 1.0
-        return _NON_FINITE if self._scale_above_one else ()
-
-    def _on_step(
-        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        self._awaiting_step[id(optimizer)] = False
-        if self._monitor is not None:
-            self._monitor.stepped(optimizer)
-
-    def _queue(self, finding: Finding) -> None:
-        self._outbox.append(finding)
-
-    def _take(self) -> list[Finding]:
-        queued, self._outbox = self._outbox, []
-        return queued
-
-    def _exchange(self, trainer: pl.Trainer) -> list[tuple[int, Finding]]:
-        """Every rank's queued findings, on every rank; called at the same point on all ranks."""
-        local = self._take()
-        if self._world_size == 1:
-            return [(0, f) for f in local]
-        strategy = trainer.strategy
-        count = torch.tensor([float(len(local))], device=strategy.root_device)
-        total = strategy.reduce(count, reduce_op="sum")
-        if float(total.item()) == 0.0:  # the same value on every rank: all branch alike
+    def _open_outputs(self, trainer: pl.Trainer, rank: int) -> list[Sink]:
+        """Rank zero's TensorBoard sink and findings log, where the settings say."""
+        log_dir = self.settings.log_dir
+        if log_dir is False:
             return []
-        gathered: list[tuple[int, Finding]] = []
-        for source in range(self._world_size):
-            sent = strategy.broadcast(local if source == self._rank else None, src=source)
-            gathered += [(source, f) for f in sent or ()]
-        return gathered
-
-    def _publish(self, found: list[tuple[int, Finding]], *, raising: bool) -> None:
-        new: list[tuple[int, Finding]] = []
-        for rank, finding in found:
-            key = (finding.kind, finding.param)
-            if key not in self._published:
-                self._published.add(key)
-                self._findings.append(finding)
-                new.append((rank, finding))
-        if not new:
-            return
-        zero = self._rank == 0
-        if zero:
-            for rank, finding in new:
-                self._write(rank, finding)
-        for rank, finding in new:
-            where = f" (on rank {rank})" if self._world_size > 1 else ""
-            policy = self._on_finding
-            if policy == "warn":
-                if zero:
-                    warnings.warn(GradWatchWarning(finding), stacklevel=2)
-                continue
-            if zero:
-                self._logger.info("gradwatch%s: %s", where, finding)
-            if policy == "raise":
-                if raising:
-                    raise GradientError(finding)
-            elif callable(policy) and zero:
-                policy(finding)
-
-    def _write(self, rank: int, finding: Finding) -> None:
-        if self._tensorboard is not None:
-            try:
-                self._tensorboard.write_finding(finding)
-            except Exception as error:  # a broken output must never stop training
-                self._tensorboard = None
-                _output_failed("TensorBoard", error)
-        if self._output_dir is not None:
-            from gradwatch.sinks.jsonl import FindingsLog
-
-            try:
-                log = self._logs.get(rank)
-                if log is None:
-                    log = self._logs[rank] = FindingsLog(self._output_dir, rank=rank)
-                log.write_finding(finding)
-            except Exception as error:
-                self._output_dir = None
-                _output_failed("the findings log", error)
-
-    def _open_outputs(self, trainer: pl.Trainer) -> list[Any]:
-        """Rank zero's TensorBoard sink for the monitor's statistics; findings go through _write."""
-        self._output_dir = None
-        if self.log_dir is False:
-            return []
-        tensorboard = _tensorboard_logger(trainer) if self.log_dir is None else None
-        directory: str | None = self.log_dir if isinstance(self.log_dir, str) else None
-        if self.log_dir is None and tensorboard is None:
+        writer = self.settings.writer
+        tensorboard = _tensorboard_logger(trainer) if log_dir is None else None
+        directory: str | None = log_dir if isinstance(log_dir, str) else None
+        if log_dir is None and tensorboard is None:
             # Every rank asks: Trainer.log_dir broadcasts rank zero's answer.
             directory = os.path.join(str(trainer.log_dir or trainer.default_root_dir), "gradwatch")
-        if self._rank != 0:
+        if rank != 0:
             return []
-        from gradwatch.sinks.tensorboard import TensorBoardSink
-
-        writer = self._writer if tensorboard is None else tensorboard.experiment
+        if tensorboard is not None:
+            writer = tensorboard.experiment
+        logger = logging.getLogger(_namespace(trainer))
+        outputs = _frontend.open_outputs(
+            None if writer is not None else directory,
+            writer,
+            _DURING_FIT,
+            none_hint="log_dir=False",
+        )
+        where = outputs[0].log_dir  # type: ignore[attr-defined]
+        outputs += _logger_sinks(trainer)
         if writer is not None:
-            sink = TensorBoardSink(writer=writer, param_every=RATIO_EVERY)
-            self._logger.info(
-                "gradwatch: gradient statistics and findings go to the run at %s", sink.log_dir
-            )
+            logger.info("gradwatch: gradient statistics and findings go to the run at %s", where)
         else:
-            assert directory is not None
-            try:
-                sink = TensorBoardSink(directory, param_every=RATIO_EVERY)
-            except OSError as error:
-                raise GradWatchValueError(
-                    f"GradWatchCallback: log_dir {directory!r} could not be created or written: "
-                    f"{error.strerror or error}; pass a writable directory, or log_dir=False for "
-                    f"no files"
-                ) from error
-            self._logger.info(
+            logger.info(
                 "gradwatch: writing gradient statistics and findings to %s "
                 "(tensorboard --logdir %s)",
-                directory,
-                directory,
+                where,
+                where,
             )
-        self._tensorboard = sink
-        self._output_dir = sink.log_dir
-        return [_StatisticsOnly(sink)]
-
-    def _close(self, trainer: pl.Trainer | None = None) -> None:
-        """Remove every hook, report what this rank still holds, close the outputs. Idempotent."""
-        self._registry.remove()
-        monitor = self._monitor
-        if monitor is None:
-            return
-        self._monitor = None
-        try:
-            monitor.drain()
-            # No collective here: this also runs when a rank fails; others' queues are lost then.
-            self._publish([(self._rank, f) for f in self._take()], raising=False)
-            self._saved = monitor.state_dict()
-            self._steps = monitor.step
-            self._occurrences = monitor.occurrences
-        finally:
-            monitor.close()
-            self._close_outputs()
-
-    def _close_outputs(self) -> None:
-        tensorboard, self._tensorboard = self._tensorboard, None
-        logs, self._logs = self._logs, {}
-        outputs: list[FindingsLog | TensorBoardSink] = list(logs.values())
-        if tensorboard is not None:
-            outputs.append(tensorboard)
-        for output in outputs:
-            try:
-                output.close()
-            except Exception as error:
-                _output_failed(type(output).__name__, error)
+        return outputs
 
 
-class _StatisticsOnly:
-    """The monitor's view of rank zero's TensorBoard sink: statistics, not findings.
+class _StrategyCollective:
+    """The findings exchange over a Lightning strategy's collectives."""
 
-    Findings reach the sink through the callback, once, after ranks have exchanged them.
-    Closing it only flushes; the callback closes the sink.
-    """
+    def __init__(self, strategy: Any) -> None:
+        self._strategy = strategy
 
-    def __init__(self, sink: TensorBoardSink) -> None:
-        self._sink = sink
+    def sum(self, value: float) -> float:
+        count = torch.tensor([value], device=self._strategy.root_device)
+        return float(self._strategy.reduce(count, reduce_op="sum").item())
 
-    def write_check(
-        self, step: int, names: Sequence[str], norms: torch.Tensor, total_norm: float
-    ) -> None:
-        self._sink.write_check(step, names, norms, total_norm)
-
-    def write_histograms(self, step: int, names: Sequence[str], histograms: object) -> None:
-        write = getattr(self._sink, "write_histograms", None)
-        if write is not None:
-            write(step, names, histograms)
-
-    def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
-        write = getattr(self._sink, "write_update_ratios", None)
-        if write is not None:
-            write(step, names, ratios)
-
-    def write_finding(self, finding: Finding) -> None:
-        pass
-
-    def flush(self) -> None:
-        self._sink.flush()
-
-    def close(self) -> None:
-        self._sink.flush()
+    def broadcast(self, obj: Any, src: int) -> Any:
+        return self._strategy.broadcast(obj, src=src)
 
 
 def _namespace(trainer: object) -> str:
@@ -632,6 +351,23 @@ def _namespace(trainer: object) -> str:
             if cls.__module__ == name or cls.__module__.startswith(name + "."):
                 return name
     return _NAMESPACES[0]
+
+
+def _logger_sinks(trainer: pl.Trainer) -> list[Sink]:
+    """A :class:`~gradwatch.sinks.LoggerSink` for each of the Trainer's loggers other than a
+    ``TensorBoardLogger`` (whose experiment the TensorBoard sink writes to)."""
+    from gradwatch.sinks.loggers import LoggerSink
+
+    tensorboard = _tensorboard_logger(trainer)
+    return [
+        LoggerSink(logger, param_every=_frontend.RATIO_EVERY)
+        for logger in trainer.loggers
+        if logger is not tensorboard and not _is_tensorboard_logger(logger)
+    ]
+
+
+def _is_tensorboard_logger(logger: object) -> bool:
+    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
 def _tensorboard_logger(trainer: pl.Trainer) -> Any:
@@ -645,15 +381,6 @@ def _tensorboard_logger(trainer: pl.Trainer) -> Any:
         if isinstance(logger, classes):
             return logger
     return None
-
-
-def _output_failed(what: str, error: Exception) -> None:
-    warnings.warn(
-        f"gradwatch: writing to {what} failed ({error!r}); that output is switched off for the "
-        f"rest of the run, detection goes on",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 __all__ = ["GradWatchCallback"]

@@ -8,7 +8,6 @@ computes the gradients inside ``step()``) and record the gradients each step use
 
 from __future__ import annotations
 
-import sys
 import threading
 import warnings
 import weakref
@@ -19,19 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch import _options
-from gradwatch._monitor import Monitor, check_parameters
-from gradwatch.findings import (
-    Finding,
-    GradWatchTypeError,
-    GradWatchValueError,
-    Kind,
-)
-from gradwatch.registry import HookRegistry
+from gradwatch import _frontend, _options
+from gradwatch._frontend import RATIO_EVERY as RATIO_EVERY
+from gradwatch._frontend import Settings
+from gradwatch._wrapped import unwrap_model
+from gradwatch.findings import Finding, GradWatchTypeError, GradWatchValueError, Kind
 from gradwatch.sinks import Sink
-
-RATIO_EVERY = 10
-"""Optimizer steps between per-parameter norms and update ratios in TensorBoard."""
 
 _open_watchers: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
 _open_watchers_lock = threading.Lock()
@@ -46,6 +38,7 @@ def watch(
     accumulation_steps: int = 1,
     on_finding: _options.OnFinding = "warn",
     on_nonfinite: _options.OnNonFinite = "report",
+    sinks: Sequence[Sink] = (),
     **detector_options: Any,
 ) -> Watcher:
     """Watch the gradients of ``model`` and report gradient bugs as they happen.
@@ -73,6 +66,9 @@ def watch(
             costs one host-device synchronisation per step (the answer must be on the host before
             the optimizer runs); on CPU nothing more. ``on_finding`` still decides what happens to
             the findings; with ``"raise"`` the gradients are cleared before the error is raised.
+        sinks: Outputs of your own, each a :class:`gradwatch.sinks.Sink` (see the README's
+            "Writing a sink"); they receive every check's statistics and every finding, and
+            are closed with the watcher.
         **detector_options: Thresholds; see the README for each one's meaning and default:
             ``no_grad_after``, ``explode_factor``, ``max_grad_norm``, ``warmup_steps``,
             ``history``, ``vanish_ratio``, ``vanish_steps``, ``ignore``.
@@ -106,8 +102,6 @@ def watch(
         >>> [f.kind.value for f in watcher.findings], bool(model.weight.isfinite().all())
         (['nan', 'skipped_step'], True)
     """
-    # Only detector options travel in **detector_options (not Watcher's own ``sinks``).
-    _options.DetectorOptions.check_names(detector_options)
     return Watcher(
         model,
         optimizer,
@@ -116,6 +110,7 @@ def watch(
         accumulation_steps=accumulation_steps,
         on_finding=on_finding,
         on_nonfinite=on_nonfinite,
+        sinks=sinks,
         **detector_options,
     )
 
@@ -141,29 +136,30 @@ class Watcher:
         sinks: Sequence[Sink] = (),
         **detector_options: Any,
     ) -> None:
+        settings = Settings.validate(
+            "watch()",
+            log_dir=log_dir,
+            histogram_every=histogram_every,
+            accumulation_steps=accumulation_steps,
+            on_finding=on_finding,
+            on_nonfinite=on_nonfinite,
+            sinks=sinks,
+            detector_options=detector_options,
+        )
         if not isinstance(model, nn.Module):
             raise GradWatchTypeError(
                 f"model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}"
             )
-        optimizers = _check_optimizers(optimizer)
-        self.accumulation_steps = _options.check_int_at_least(
-            "accumulation_steps", accumulation_steps, 1
-        )
-        self.histogram_every = _options.check_int_at_least("histogram_every", histogram_every, 0)
-        self._on_finding = _options.check_on_finding(on_finding)
-        self.on_nonfinite = _options.check_on_nonfinite(on_nonfinite)
-        writer = log_dir if _is_summary_writer(log_dir) else None
-        self.log_dir = (
-            writer.get_logdir() if writer is not None else _options.check_log_dir(log_dir)
-        )
-        self.options = _options.DetectorOptions.from_kwargs(detector_options)
-        named = _trainable_parameters(model)
-        if not named:
-            raise GradWatchValueError(
-                f"model has no trainable parameters (none with requires_grad=True) to watch: "
-                f"{type(model).__name__}"
-            )
-        check_parameters(named)
+        model = unwrap_model(model)  # Fabric's wrapper: watch the module it holds
+        optimizers = _frontend.check_optimizers(optimizer, settings.entry)
+        assert settings.accumulation_steps is not None
+        self.accumulation_steps: int = settings.accumulation_steps
+        self.histogram_every = settings.histogram_every
+        self._on_finding = settings.on_finding
+        self.on_nonfinite = settings.on_nonfinite
+        self.log_dir = settings.log_dir or None
+        self.options = settings.options
+        named = _frontend.eligible_parameters(model, settings.entry)
         watched = {id(p) for _, p in named}
         for number, opt in enumerate(optimizers):
             if not any(id(p) in watched for g in opt.param_groups for p in g["params"]):
@@ -173,8 +169,6 @@ class Watcher:
                     f"whichever optimizer steps its parameters"
                 )
 
-        sink_list = _check_sinks(sinks)
-        self._registry = HookRegistry()
         self._model = weakref.ref(model)
         self._closed = False
         with _open_watchers_lock:
@@ -184,35 +178,27 @@ class Watcher:
                     f"close that one first (or use it instead)"
                 )
             _open_watchers[model] = self
+        outputs: list[Sink] = []
         try:
             if self.log_dir is not None:
-                sink_list += _open_log_dir(self.log_dir, writer)
-            self._monitor = Monitor(
+                outputs = _frontend.open_outputs(self.log_dir, settings.writer, settings.entry)
+            self._session = _frontend.Session(
+                settings,
                 named,
                 optimizers,
                 accumulation_steps=self.accumulation_steps,
-                options=self.options,
-                on_finding=self._on_finding,
-                on_nonfinite=self.on_nonfinite,
-                sinks=sink_list,
-                histogram_every=self.histogram_every,
-                ratio_every=RATIO_EVERY,
+                sinks=[*outputs, *settings.sinks],
+                on_finding=settings.on_finding,
+                step_hooks=True,
             )
-            self._registry.add_param_hooks(
-                [p for _, p in named], self._monitor.tracker.on_accumulated
-            )
-            monitor = self._monitor
-            for opt in optimizers:
-                self._registry.add_step_hooks(opt, monitor.before_step, monitor.after_step)
-            if not optimizers:
-                self._registry.add_step_hooks(None, monitor.before_step, monitor.after_step)
         except BaseException:
-            self._registry.remove()
             with _open_watchers_lock:
                 _open_watchers.pop(model, None)
-            for sink in sink_list:
+            for sink in settings.sinks:
                 sink.close()
             raise
+        self._monitor = self._session.monitor
+        self._registry = self._session.registry
 
     # ------------------------------------------------------------------ public API
 
@@ -310,78 +296,6 @@ class Watcher:
             f"Watcher({state}, params={len(self.param_names)}, step={self.step}, "
             f"findings={len(self.findings)})"
         )
-
-
-def _is_summary_writer(value: object) -> bool:
-    """Whether ``value`` is a ``torch.utils.tensorboard.SummaryWriter`` (never imports it)."""
-    module = sys.modules.get("torch.utils.tensorboard.writer")
-    return module is not None and isinstance(value, module.SummaryWriter)
-
-
-def _check_optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
-    if optimizer is None:
-        return []
-    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-    if isinstance(optimizer, (list, tuple)) and not items:
-        raise GradWatchValueError(
-            f"optimizer must be a torch.optim.Optimizer, a non-empty list of them, or None; got "
-            f"an empty {type(optimizer).__name__}"
-        )
-    checked: list[torch.optim.Optimizer] = []
-    for number, item in enumerate(items):
-        if not isinstance(item, torch.optim.Optimizer):
-            raise GradWatchTypeError(
-                f"optimizer must be a torch.optim.Optimizer, a list of them, or None; got "
-                f"{type(item).__name__} {item!r:.80}"
-            )
-        for earlier, seen in enumerate(checked):
-            if seen is item:
-                # Its hooks would run twice per step: every step would count twice.
-                raise GradWatchValueError(
-                    f"optimizer must list each optimizer once; got the same "
-                    f"{type(item).__name__} at positions {earlier} and {number}"
-                )
-        checked.append(item)
-    return checked
-
-
-def _check_sinks(sinks: object) -> list[Sink]:
-    if not isinstance(sinks, (list, tuple)):
-        raise GradWatchTypeError(
-            f"sinks must be a list or tuple of sinks, got {type(sinks).__name__} {sinks!r:.80}"
-        )
-    for sink in sinks:
-        missing = [m for m in _SINK_METHODS if not callable(getattr(sink, m, None))]
-        if missing:
-            raise GradWatchTypeError(
-                f"sinks must hold objects with the methods {', '.join(_SINK_METHODS)}; got "
-                f"{type(sink).__name__} {sink!r:.80}, which lacks {', '.join(missing)}"
-            )
-    return list(sinks)
-
-
-_SINK_METHODS = ("write_check", "write_finding", "flush", "close")
-
-
-def _open_log_dir(log_dir: str, writer: Any) -> list[Sink]:
-    """The TensorBoard sink and the findings log under ``log_dir``; an OS error names the path."""
-    from gradwatch.sinks.jsonl import FindingsLog
-    from gradwatch.sinks.tensorboard import TensorBoardSink
-
-    opened: list[Sink] = []
-    try:
-        opened.append(TensorBoardSink(log_dir, writer=writer, param_every=RATIO_EVERY))
-        opened.append(FindingsLog(log_dir))
-    except BaseException as error:
-        for sink in opened:
-            sink.close()
-        if isinstance(error, OSError):
-            raise GradWatchValueError(
-                f"log_dir {log_dir!r} could not be created or written: "
-                f"{error.strerror or error}; pass a writable directory, or None for no files"
-            ) from error
-        raise
-    return opened
 
 
 def _trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -10,7 +10,8 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
 fi
-if ! .venv/bin/python -c "import gradwatch, pytest, lightning, pytorch_lightning, ruff, mypy" 2>/dev/null \
+modules="gradwatch, pytest, lightning, pytorch_lightning, transformers, accelerate, ruff, mypy"
+if ! .venv/bin/python -c "import $modules" 2>/dev/null \
     || [ pyproject.toml -nt .venv/.gradwatch-installed ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
     touch .venv/.gradwatch-installed

@@ -165,7 +165,14 @@ BAD_KEYWORDS: list[Bad] = [
         r"vanish_steps, ignore"),
     Bad("unknown=explode_factr", {"explode_factr": 10.0}, TE,
         r"ENTRY got unknown option\(s\) 'explode_factr'; detector options are: "),
-    Bad("unknown=sinks", {"sinks": []}, TE, r"ENTRY got unknown option\(s\) 'sinks'"),
+    # sinks: a list or tuple of gradwatch.sinks.Sink (or objects with their four methods)
+    Bad("sinks=3", {"sinks": 3}, TE, r"sinks must be a list or tuple of sinks, got int 3"),
+    Bad("sinks=[3]", {"sinks": [3]}, TE,
+        r"sinks must hold objects with the methods write_check, write_finding, flush, close; "
+        r"got int 3, which lacks write_check, write_finding, flush, close"),
+    Bad("sinks=[class]", {"sinks": [gradwatch.sinks.Sink]}, TE,
+        r"sinks must hold objects with the methods .*; got type <class "
+        r"'gradwatch\.sinks\.base\.Sink'>, a class \(subclass gradwatch\.sinks\.Sink"),
     # no_grad_after: int >= 1
     Bad("no_grad_after=0", {"no_grad_after": 0}, VE, r"no_grad_after must be an int >= 1, got 0"),
     Bad("no_grad_after=2.5", {"no_grad_after": 2.5}, TE,

@@ -9,6 +9,8 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 CLAIMS = {
+    "accelerate_watch.py": ["[nan] 2.bias", "step 5:", "in 10 optimizer steps"],
+    "fabric_watch.py": ["[missing_zero_grad] 2.bias", "step 1:", "in 20 optimizer steps"],
     "first_model.py": ["[missing_zero_grad]", "step 1:", "no gradient problems found in 5"],
     "lightning_callback.py": ["[no_grad] encoder.0.weight", "step 4:", "in 20 optimizer steps"],
     "plain_missing_zero_grad.py": ["[missing_zero_grad]", "step 1:"],
@@ -21,6 +23,7 @@ CLAIMS = {
         "histograms at steps 0, 10, 20,",
         "tensorboard --logdir runs/tensorboard-walkthrough",
     ],
+    "transformers_trainer.py": ["[no_grad] backbone.wte.weight", "step 4:", "in 8 optimizer steps"],
 }
 
 

@@ -4,6 +4,7 @@ steps each; both Lightning namespaces where the namespace matters."""
 from __future__ import annotations
 
 import copy
+import csv as csv_module
 import functools
 import importlib
 import json
@@ -555,6 +556,36 @@ def test_without_tensorboard_logger_writes_its_own_directory(
     assert "gradwatch/grad_norm/total" in read_events(expected).Tags()["scalars"]
     said = [r.getMessage() for r in caplog.records if str(expected) in r.getMessage()]
     assert len(said) == 1
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_other_loggers_get_the_scalars_and_findings(namespace: str, tmp_path: pathlib.Path) -> None:
+    """A CSVLogger beside a TensorBoardLogger: gradwatch's scalars reach both, through
+    Lightning's logger API for the CSV one, at the steps the TensorBoard run has them."""
+    pl = pytest.importorskip(namespace)
+    csv = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    tensorboard = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    callback = GradWatchCallback(on_finding="record")
+    module = modules(pl).Regressor(nan_at=3)
+    fit(pl, module, [callback], tmp_path, logger=[csv, tensorboard], steps=6)
+    assert kinds(callback)[:1] == ["nan"]
+    with open(pathlib.Path(csv.log_dir) / "metrics.csv") as file:
+        rows = list(csv_module.DictReader(file))
+    totals = {int(r["step"]) for r in rows if r.get("gradwatch/grad_norm/total")}
+    events = read_events(pathlib.Path(tensorboard.log_dir))
+    assert totals == {e.step for e in events.Scalars("gradwatch/grad_norm/total")}
+    assert {0, 1, 2} <= totals
+    nan_rows = [r for r in rows if r.get("gradwatch/findings/nan")]
+    assert [(int(r["step"]), float(r["gradwatch/findings/nan"])) for r in nan_rows] == [(3, 1.0)]
+    assert any(k.startswith("gradwatch/grad_norm/model.") for k in rows[0])
+
+
+def test_log_dir_false_leaves_the_loggers_alone(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+    csv = lpl.loggers.CSVLogger(str(tmp_path), name="csv")
+    callback = record()
+    fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, logger=csv, steps=3)
+    metrics = pathlib.Path(csv.log_dir) / "metrics.csv"
+    assert not metrics.exists() or "gradwatch/" not in metrics.read_text()
 
 
 def test_no_logger_writes_under_default_root_dir(lpl: ModuleType, tmp_path: pathlib.Path) -> None:

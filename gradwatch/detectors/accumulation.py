@@ -7,23 +7,48 @@ how many backward passes went into it.
 
 from __future__ import annotations
 
-from typing import Any
+from types import MappingProxyType
 
-from gradwatch.detectors.base import CheckContext, by_arrival
-from gradwatch.findings import Finding, Kind
+from gradwatch.detectors.base import CheckContext, Detector, Phase, Setup, by_arrival
+from gradwatch.findings import Finding, Kind, _fmt_int, _names
 
 
-class AccumulationDetector:
+def _missing_zero_grad(f: Finding) -> str:
+    return (
+        f"backward() added new gradients on top of the ones the previous optimizer step used "
+        f"({_names(f)}): .grad was not reset between steps. Call optimizer.zero_grad() "
+        f"(or model.zero_grad()) once per step, before loss.backward()."
+    )
+
+
+def _unexpected_accumulation(f: Finding) -> str:
+    return (
+        f"{_fmt_int(f.value)} backward passes accumulated into the gradient of {_names(f)} before "
+        f"this optimizer step, but accumulation_steps={_fmt_int(f.threshold)}. Reset gradients "
+        f"with optimizer.zero_grad() after every step, call backward() once per step, or pass the "
+        f"accumulation_steps you intend to gradwatch.watch()."
+    )
+
+
+class AccumulationDetector(Detector):
     """Reports ``missing_zero_grad`` and ``unexpected_accumulation``.
 
-    Args:
-        accumulation_steps: Backward passes the user means to accumulate per optimizer step.
+    Reads the front end's ``accumulation_steps``: the backward passes the user means to
+    accumulate per optimizer step.
     """
 
-    needs_statistics = False
+    name = "accumulation"
+    kinds = MappingProxyType(
+        {
+            Kind.MISSING_ZERO_GRAD: _missing_zero_grad,
+            Kind.UNEXPECTED_ACCUMULATION: _unexpected_accumulation,
+        }
+    )
+    phase = Phase.AT_CHECK
 
-    def __init__(self, accumulation_steps: int = 1) -> None:
-        self.accumulation_steps = accumulation_steps
+    def __init__(self, setup: Setup) -> None:
+        super().__init__(setup)
+        self.accumulation_steps = setup.accumulation_steps
 
     def check(self, ctx: CheckContext) -> list[Finding]:
         is_stale, passes_into = ctx.tracker.stale, ctx.tracker.passes_into
@@ -48,9 +73,3 @@ class AccumulationDetector:
                 )
             )
         return findings
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

@@ -1,15 +1,72 @@
-"""What every detector receives at a check, and what it must provide."""
+"""The detector plug-in seam: what a detector declares, and what it receives at each check.
+
+A detector is one class over :class:`Detector` that declares
+
+- ``name``: the key its state is saved under (never change it once released);
+- ``kinds``: the :class:`~gradwatch.Kind` values it reports, each with the function that turns
+  such a finding into its message (what happened, where, what to do);
+- ``options``: its keyword arguments of ``watch()`` and the callbacks, each an :class:`Option`
+  with a default and a check that rejects bad values with an error that teaches;
+- ``phase``: :attr:`Phase.AT_CHECK` when it needs only the hooks' bookkeeping (it runs at the
+  moment of the check, before any device statistics), :attr:`Phase.STATISTICS` when it needs
+  the check's norms on the host.
+
+and is listed once in :data:`gradwatch.detectors.REGISTRY`. What it reads at a check is the
+:class:`CheckContext`: explicit, read-only fields, the same for every detector, so the order of
+detectors never matters.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from gradwatch._tracker import GradientTracker
-from gradwatch.findings import Finding
+from gradwatch.findings import Finding, Kind
+
+if TYPE_CHECKING:
+    from gradwatch._options import DetectorOptions
+
+
+class Phase(str, enum.Enum):
+    """When a detector runs within a check."""
+
+    AT_CHECK = "at_check"
+    """At the moment of the check, from the hooks' bookkeeping alone (no device statistics)."""
+    STATISTICS = "statistics"
+    """Once the check's statistics have reached the host (possibly a few steps later on CUDA)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One keyword argument of a detector.
+
+    Attributes:
+        name: The keyword, as passed to ``watch()`` and the callbacks.
+        default: Its value when not given.
+        check: Called as ``check(name, value, values)`` with every option's value (``values``,
+            defaults filled in), for bounds that depend on another option; raises
+            :class:`~gradwatch.findings.GradWatchTypeError` or ``GradWatchValueError``.
+        help: One line for the docs and error messages.
+    """
+
+    name: str
+    default: Any
+    check: Callable[[str, Any, Mapping[str, Any]], None]
+    help: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every detector is built from."""
+
+    options: DetectorOptions
+    num_params: int
+    accumulation_steps: int
 
 
 @dataclasses.dataclass
@@ -34,12 +91,27 @@ class ParamTable:
         return len(self.names)
 
 
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """Which watched parameters the optimizers own, and how many backward passes reached each.
+
+    Built by the monitor's optimizer stage for the detectors that judge coverage.
+    """
+
+    optimized: frozenset[int] | None
+    """Positions some watched optimizer updates; ``None`` while that is not known yet (when
+    following every optimizer, before any has stepped)."""
+    passes_reaching: Callable[[list[int]], list[int]]
+    """For each given position, the backward passes that reached the optimizer owning it (all
+    passes for a parameter no optimizer owns)."""
+
+
 @dataclasses.dataclass
 class CheckContext:
     """One check: the gradients one optimizer is about to use, and what the hooks saw.
 
-    ``norms[j]`` is the float32 L2 norm of ``params[indices[j]].grad`` (NaN or Inf when the
-    gradient holds such values).
+    Detectors read it and never write to it. ``norms[j]`` is the float32 L2 norm of
+    ``params[indices[j]].grad`` (NaN or Inf when the gradient holds such values).
     """
 
     step: int
@@ -50,10 +122,14 @@ class CheckContext:
     tracker: GradientTracker
     window_start_pass: int
     """Backward passes before this index happened before the group's previous check."""
+    coverage: Coverage | None = None
     norms: torch.Tensor | None = None
     """Set once the statistics have reached the host; see :meth:`host_norms`."""
-    max_abs: Callable[[list[int]], torch.Tensor] | None = None
-    """Largest |value| of the given positions' gradients, when the gradients are still at hand."""
+    magnitudes: torch.Tensor | None = None
+    """``norms`` where an infinite norm came from finite values whose squares overflow float32
+    replaced by their largest |value| (a lower bound of the norm); see :attr:`overflowed`."""
+    overflowed: torch.Tensor | None = None
+    """Bool per entry of ``norms``: infinite only because squaring overflowed (no real Inf)."""
 
     def host_norms(self) -> torch.Tensor:
         if self.norms is None:
@@ -61,20 +137,33 @@ class CheckContext:
         return self.norms
 
 
-class Detector(Protocol):
-    """Turns one check into findings, keeping whatever bounded history it needs.
+class Detector:
+    """Base of every detector: declarations, and do-nothing state.
 
-    Detectors whose ``needs_statistics`` is false use only the hooks' bookkeeping and run at the
-    moment of the check; the others run once the check's norms have reached the host.
+    Subclasses set the class attributes, take a :class:`Setup` in ``__init__`` and implement
+    :meth:`check`. State that must survive a resumed run goes through :meth:`state_dict` and
+    :meth:`load_state_dict` (plain Python values and CPU tensors); ``load_state_dict`` raises
+    ``KeyError``, ``TypeError`` or ``ValueError`` on a state it cannot take, and the monitor
+    then restores what it had.
     """
 
-    needs_statistics: bool
+    name: ClassVar[str]
+    kinds: ClassVar[Mapping[Kind, Callable[[Finding], str]]]
+    options: ClassVar[tuple[Option, ...]] = ()
+    phase: ClassVar[Phase]
 
-    def check(self, ctx: CheckContext) -> list[Finding]: ...
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def check(self, ctx: CheckContext) -> list[Finding]:
+        raise NotImplementedError
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"the state of detector {self.name!r} is not a dict")
 
 
 def by_arrival(ctx: CheckContext, indices: Sequence[int]) -> list[int]:

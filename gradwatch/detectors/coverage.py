@@ -6,44 +6,68 @@ optimizers' parameter groups; no tensor values are read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
-from gradwatch.detectors.base import CheckContext
-from gradwatch.findings import Finding, Kind
+from gradwatch import _checks
+from gradwatch.detectors.base import CheckContext, Detector, Option, Phase, Setup
+from gradwatch.findings import Finding, Kind, _fmt_int, _names, _plural
 
 
-class CoverageDetector:
+def _no_grad(f: Finding) -> str:
+    return (
+        f"{_names(f)} {_plural(f, 'requires', 'require')} grad but received no gradient in "
+        f"{_fmt_int(f.value)} backward passes: not connected to the loss (a .detach(), "
+        f"torch.no_grad(), or a layer the forward pass never uses). Connect "
+        f"{_plural(f, 'it', 'them')}, or freeze {_plural(f, 'it', 'them')} with "
+        f"requires_grad_(False)."
+    )
+
+
+def _not_in_optimizer(f: Finding) -> str:
+    return (
+        f"{_names(f)} {_plural(f, 'receives', 'receive')} gradients but no watched optimizer "
+        f"updates {_plural(f, 'it', 'them')} (created after the optimizer?). Build the optimizer "
+        f"after the model is complete, or add {_plural(f, 'it', 'them')} with "
+        f"optimizer.add_param_group()."
+    )
+
+
+class CoverageDetector(Detector):
     """Reports ``no_grad`` and ``not_in_optimizer``, each once per parameter.
 
-    Args:
-        no_grad_after: Backward passes after which a trainable parameter that has never received
-            a gradient is reported. Only passes that reached the parameter's optimizer (gave
-            gradients to some of its parameters) count, so a generator that steps once per five
-            discriminator passes is not reported.
-        optimized: Returns the set of parameter positions the watched optimizers update, or
-            ``None`` while that is not known yet.
-        passes_reaching: Returns, for each given position, the backward passes that reached the
-            optimizer owning it (all passes for a parameter no optimizer owns).
+    ``no_grad_after``: backward passes after which a trainable parameter that has never received
+    a gradient is reported. Only passes that reached the parameter's optimizer (gave gradients to
+    some of its parameters) count, so a generator that steps once per five discriminator passes
+    is not reported. Which optimizer owns which parameter, and the passes that reached each, come
+    from :attr:`CheckContext.coverage`.
     """
 
-    needs_statistics = False
+    name = "coverage"
+    kinds = MappingProxyType({Kind.NO_GRAD: _no_grad, Kind.NOT_IN_OPTIMIZER: _not_in_optimizer})
+    options = (
+        Option(
+            "no_grad_after",
+            5,
+            lambda name, value, _: _checks.int_at_least(name, value, 1),
+            "backward passes reaching its optimizer before a parameter with no gradient is "
+            "reported",
+        ),
+    )
+    phase = Phase.AT_CHECK
 
-    def __init__(
-        self,
-        no_grad_after: int,
-        optimized: Callable[[], frozenset[int] | None],
-        passes_reaching: Callable[[list[int]], list[int]],
-    ) -> None:
-        self.no_grad_after = no_grad_after
-        self._optimized = optimized
-        self._passes_reaching = passes_reaching
+    def __init__(self, setup: Setup) -> None:
+        super().__init__(setup)
+        self.no_grad_after: int = setup.options.no_grad_after
         self._reported_no_grad: set[int] = set()
         self._reported_orphans: set[int] = set()
         self._seen_received = -1
         self._seen_optimized: frozenset[int] | None = None
 
     def check(self, ctx: CheckContext) -> list[Finding]:
+        if ctx.coverage is None:
+            return []
+        coverage = ctx.coverage
         tracker = ctx.tracker
         table = ctx.table
         findings = []
@@ -57,7 +81,7 @@ class CoverageDetector:
                 and table.params[i].requires_grad
                 and i not in self._reported_no_grad
             ]
-            passes = self._passes_reaching(candidates)
+            passes = coverage.passes_reaching(candidates)
             missing = [
                 (i, n) for i, n in zip(candidates, passes, strict=True) if n >= self.no_grad_after
             ]
@@ -74,7 +98,7 @@ class CoverageDetector:
                         params=names,
                     )
                 )
-        optimized = self._optimized()
+        optimized = coverage.optimized
         if optimized is not None and (
             optimized is not self._seen_optimized or tracker.received_count != self._seen_received
         ):

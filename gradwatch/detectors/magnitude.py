@@ -8,16 +8,57 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
-from gradwatch.detectors.base import CheckContext
-from gradwatch.findings import Finding, Kind
+from gradwatch import _checks
+from gradwatch.detectors.base import CheckContext, Detector, Option, Phase, Setup
+from gradwatch.findings import Finding, GradWatchValueError, Kind, _fmt, _names
 
 
-class MagnitudeDetector:
+def _exploding(f: Finding) -> str:
+    return (
+        f"the gradient norm reached {_fmt(f.value)}, above the limit {_fmt(f.threshold)} set by "
+        f"its recent history or the absolute ceiling; grew most: {_names(f)}. Lower the learning "
+        f"rate, add warm-up, or clip with torch.nn.utils.clip_grad_norm_."
+    )
+
+
+def _vanishing(f: Finding) -> str:
+    if f.value == 0.0:
+        return (
+            f"the gradient of {_names(f)} has been exactly zero for several steps while other "
+            f"layers learn (dead ReLUs or a saturated activation upstream). Check the "
+            f"initialisation and activations feeding it, or use LeakyReLU/GELU."
+        )
+    return (
+        f"the earliest layers' gradients ({_names(f)}) have been {_fmt(f.value)} times those of "
+        f"the last layers for several steps (limit {_fmt(f.threshold)}): gradients vanish with "
+        f"depth. Use ReLU/GELU instead of sigmoid/tanh, residual connections, normalisation "
+        f"layers or a better initialisation."
+    )
+
+
+def _check_max_grad_norm(name: str, value: object, values: object) -> None:
+    if value is not None:
+        _checks.number_above(name, value, 0.0)
+
+
+def _check_history(name: str, value: object, values: Any) -> None:
+    warmup = values["warmup_steps"]
+    _checks.int_at_least(name, value, warmup, "warmup_steps", maximum=_checks.MAX_HISTORY)
+
+
+def _check_vanish_ratio(name: str, value: object, values: object) -> None:
+    _checks.number_above(name, value, 0.0)
+    if value >= 1.0:  # type: ignore[operator]
+        raise GradWatchValueError(f"{name} must be a number in (0, 1), got {value!r}")
+
+
+class MagnitudeDetector(Detector):
     """Reports ``exploding`` and ``vanishing``.
 
     Exploding: after ``warmup_steps`` checks, the total gradient norm exceeds ``explode_factor``
@@ -31,27 +72,57 @@ class MagnitudeDetector:
     consecutive checks while others do not.
     """
 
-    needs_statistics = True
+    name = "magnitude"
+    kinds = MappingProxyType({Kind.EXPLODING: _exploding, Kind.VANISHING: _vanishing})
+    options = (
+        Option(
+            "explode_factor",
+            1000.0,
+            lambda name, value, _: _checks.number_above(name, value, 1.0),
+            "times its recent median that a gradient norm must exceed to be exploding",
+        ),
+        Option(
+            "max_grad_norm",
+            1e6,
+            _check_max_grad_norm,
+            "absolute ceiling of the total gradient norm (None: none)",
+        ),
+        Option(
+            "warmup_steps",
+            5,
+            lambda name, value, _: _checks.int_at_least(
+                name, value, 1, maximum=_checks.MAX_HISTORY
+            ),
+            "checks before the relative exploding rule applies",
+        ),
+        Option("history", 32, _check_history, "recent norms the medians are taken over"),
+        Option(
+            "vanish_ratio",
+            1e-3,
+            _check_vanish_ratio,
+            "ratio of earliest to last layers' RMS gradient below which gradients vanish",
+        ),
+        Option(
+            "vanish_steps",
+            5,
+            lambda name, value, _: _checks.int_at_least(name, value, 1),
+            "consecutive checks a vanishing pattern must last",
+        ),
+    )
+    phase = Phase.STATISTICS
 
-    def __init__(
-        self,
-        num_params: int,
-        *,
-        explode_factor: float = 1000.0,
-        max_grad_norm: float | None = 1e6,
-        warmup_steps: int = 5,
-        history: int = 32,
-        vanish_ratio: float = 1e-3,
-        vanish_steps: int = 5,
-    ) -> None:
-        self.explode_factor = explode_factor
-        self.max_grad_norm = max_grad_norm
-        self.warmup_steps = warmup_steps
-        self.history = history
-        self.vanish_ratio = vanish_ratio
-        self.vanish_steps = vanish_steps
+    def __init__(self, setup: Setup) -> None:
+        super().__init__(setup)
+        options = setup.options
+        num_params = setup.num_params
+        self.explode_factor: float = options.explode_factor
+        self.max_grad_norm: float | None = options.max_grad_norm
+        self.warmup_steps: int = options.warmup_steps
+        self.history: int = options.history
+        self.vanish_ratio: float = options.vanish_ratio
+        self.vanish_steps: int = options.vanish_steps
         self._totals: dict[int, deque[float]] = {}
-        self._param_history = torch.full((history, num_params), math.nan)
+        self._param_history = torch.full((self.history, num_params), math.nan)
         self._param_count = torch.zeros(num_params, dtype=torch.long)
         self._reference = torch.full((num_params,), math.nan)
         self._checks_since_refresh = 0
@@ -66,7 +137,8 @@ class MagnitudeDetector:
         # A few dozen operations on one small host array per check: numpy costs a fraction of
         # what the same calls cost as torch operators.
         index = np.array(ctx.indices)
-        norms = ctx.host_norms().numpy().astype(np.float64)
+        magnitudes = ctx.magnitudes if ctx.magnitudes is not None else ctx.host_norms()
+        norms = magnitudes.numpy().astype(np.float64)
         finite = np.isfinite(norms)
         fresh = np.array(ctx.tracker.last_pass)[index] >= ctx.window_start_pass
         findings = []

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from gradwatch.findings import Finding
+from gradwatch.sinks.base import Sink
 
 FINDINGS_LOG_NAME = "gradwatch-findings.jsonl"
 SCHEMA_VERSION = 1
@@ -21,49 +18,59 @@ SCHEMA_VERSION = 1
 def finding_record(
     finding: Finding, *, rank: int = 0, wall_time: float | None = None
 ) -> dict[str, Any]:
-    """The JSON object the findings log holds for ``finding`` (schema version 1)."""
+    """The JSON object the findings log holds for ``finding`` (schema version 1):
+    :meth:`Finding.to_dict` with ``schema`` first and ``message``, ``wall_time``, ``rank`` last.
+
+    Example:
+        >>> from gradwatch import Finding, Kind
+        >>> finding_record(Finding(Kind.INF, 2, "w", value=float("inf")), wall_time=0.0)
+        {'schema': 1, 'kind': 'inf', 'step': 2, 'param': 'w', 'params': [], 'value': 'inf',
+         'threshold': None, 'message': "step 2: the gradient of 'w' holds ...",
+         'wall_time': 0.0, 'rank': 0}
+    """
     return {
         "schema": SCHEMA_VERSION,
-        "kind": finding.kind.value,
-        "step": finding.step,
-        "param": finding.param,
-        "params": list(finding.params),
-        "value": _json_number(finding.value),
-        "threshold": _json_number(finding.threshold),
+        **finding.to_dict(),
         "message": finding.message,
         "wall_time": time.time() if wall_time is None else wall_time,
         "rank": rank,
     }
 
 
-class FindingsLog:
+class FindingsLog(Sink):
     """Appends each finding to ``<log_dir>/gradwatch-findings.jsonl``.
 
     Each line is flushed as it is written, so a process that crashes or is killed keeps every
-    finding it reported.
+    finding it reported. After :meth:`close`, findings are dropped: the file is never reopened.
+
+    Args:
+        log_dir: The directory, created if missing.
+        rank: The rank written for a finding whose caller gives none.
+
+    Example:
+        >>> import json, pathlib, tempfile
+        >>> from gradwatch import Finding, Kind
+        >>> log = FindingsLog(tempfile.mkdtemp())
+        >>> log.write_finding(Finding(Kind.NAN, 7, "fc.weight"), rank=1)
+        >>> log.close()
+        >>> record = json.loads(pathlib.Path(log.path).read_text())
+        >>> record["kind"], record["step"], record["rank"]
+        ('nan', 7, 1)
     """
 
-    def __init__(self, log_dir: str, *, rank: int = 0) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], *, rank: int = 0) -> None:
         os.makedirs(log_dir, exist_ok=True)
-        self.path = os.path.join(log_dir, FINDINGS_LOG_NAME)
+        self.path = os.path.join(os.fspath(log_dir), FINDINGS_LOG_NAME)
         self._rank = rank
         self._lock = threading.Lock()
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives until close()
 
-    def write_check(
-        self, step: int, names: Sequence[str], norms: torch.Tensor, total_norm: float
-    ) -> None:
-        pass
-
-    def write_histograms(self, step: int, names: Sequence[str], histograms: object) -> None:
-        pass
-
-    def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
-        pass
-
-    def write_finding(self, finding: Finding) -> None:
-        line = json.dumps(finding_record(finding, rank=self._rank), allow_nan=False)
+    def write_finding(self, finding: Finding, *, rank: int | None = None) -> None:
+        record = finding_record(finding, rank=self._rank if rank is None else rank)
+        line = json.dumps(record, allow_nan=False)
         with self._lock:
+            if self._file.closed:
+                return
             self._file.write(line + "\n")
             self._file.flush()
 
@@ -75,10 +82,3 @@ class FindingsLog:
     def close(self) -> None:
         with self._lock:
             self._file.close()
-
-
-def _json_number(value: float | None) -> float | str | None:
-    """JSON has no NaN or Infinity; write those as the strings "nan", "inf", "-inf"."""
-    if value is None or math.isfinite(value):
-        return value
-    return str(value)

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradwatch._histograms import GradientHistograms
-from gradwatch.findings import Finding
+from gradwatch.findings import Finding, GradWatchTypeError
 from gradwatch.sinks import _gradient_flow
+from gradwatch.sinks.base import Sink
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -36,7 +37,7 @@ def _flush_at_exit() -> None:
             sink.flush()
 
 
-class TensorBoardSink:
+class TensorBoardSink(Sink):
     """Writes under ``log_dir``, or to ``writer``, a ``SummaryWriter`` of yours.
 
     Tags (see the README's TensorBoard section): ``gradwatch/grad_norm/total`` every check;
@@ -46,12 +47,14 @@ class TensorBoardSink:
     ``figure_every`` steps, when Pillow is installed) whenever the monitor sends histograms;
     ``gradwatch/sgd_update_ratio/<param>`` whenever it sends ratios; ``gradwatch/findings/<kind>``
     (count so far) and a text entry ``gradwatch/findings`` for every finding, at the step it was
-    found; a custom-scalars layout grouping the per-parameter scalars by module.
+    found (naming the rank when it is not zero); a custom-scalars layout grouping the
+    per-parameter scalars by module.
 
     When ``writer`` is given, ``log_dir`` is ignored; that writer is flushed but never closed,
     and its custom-scalars layout is left alone (see :func:`custom_scalars_layout`). A writer
     created here is flushed every ``FLUSH_SECS`` seconds and closed by :meth:`close`. Either is
-    flushed at interpreter exit.
+    flushed at interpreter exit. After :meth:`close`, every write is dropped: nothing more goes
+    to the writer, and no event file is reopened.
     """
 
     def __init__(
@@ -64,7 +67,7 @@ class TensorBoardSink:
     ) -> None:
         if writer is None:
             if log_dir is None:
-                raise TypeError("TensorBoardSink needs a log_dir or a writer")
+                raise GradWatchTypeError("TensorBoardSink needs a log_dir or a writer")
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(log_dir=os.fspath(log_dir), flush_secs=FLUSH_SECS)
@@ -85,6 +88,8 @@ class TensorBoardSink:
     def write_check(
         self, step: int, names: Sequence[str], norms: torch.Tensor, total_norm: float
     ) -> None:
+        if self._closed:
+            return
         writer = self._writer
         if self._owns_writer and not self._layout_names.keys() >= set(names):
             self._layout_names.update(dict.fromkeys(names))
@@ -107,6 +112,8 @@ class TensorBoardSink:
     def write_histograms(
         self, step: int, names: Sequence[str], histograms: GradientHistograms
     ) -> None:
+        if self._closed:
+            return
         protos = _protos()
         finite = histograms.finite.tolist()
         nans = histograms.nan.tolist()
@@ -161,6 +168,8 @@ class TensorBoardSink:
             self._emit(step, [value])  # a failed write is the sink's failure, not the figure's
 
     def write_update_ratios(self, step: int, names: Sequence[str], ratios: torch.Tensor) -> None:
+        if self._closed:
+            return
         self._emit(
             step,
             [
@@ -170,12 +179,13 @@ class TensorBoardSink:
             ],
         )
 
-    def write_finding(self, finding: Finding) -> None:
+    def write_finding(self, finding: Finding, *, rank: int | None = None) -> None:
+        if self._closed:
+            return
         kind = finding.kind.value
         self._counts[kind] = self._counts.get(kind, 0) + 1
         self._writer.add_scalar(f"gradwatch/findings/{kind}", self._counts[kind], finding.step)
-        where = f"`{finding.param}`" if finding.param is not None else "(model)"
-        self._add_text("gradwatch/findings", f"**{kind}** {where}: {finding.message}", finding.step)
+        self._add_text("gradwatch/findings", finding_markdown(finding, rank=rank), finding.step)
         self._writer.flush()  # findings are rare; a run killed right after keeps them
 
     def _add_text(self, tag: str, text: str, step: int) -> None:
@@ -199,6 +209,15 @@ class TensorBoardSink:
             self._writer.close()
         else:
             self._writer.flush()
+
+
+def finding_markdown(finding: Finding, *, rank: int | None = None) -> str:
+    """The text entry of a finding: its kind in bold, the parameter, the rank when it is not
+    zero, and the message."""
+    where = f"`{finding.param}`" if finding.param is not None else "(model)"
+    if rank:
+        where += f" (rank {rank})"
+    return f"**{finding.kind.value}** {where}: {finding.message}"
 
 
 def _scalar(tag: str, value: float) -> Any:

@@ -1,0 +1,98 @@
+"""What happens to a finding once a detector has made it: ignored, tolerated, de-duplicated,
+written to the sinks and handed to the policy."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+
+from gradwatch import _options
+from gradwatch.findings import Finding, GradientError, GradWatchWarning, Kind
+from gradwatch.sinks.base import FanOut
+
+
+class Reporter:
+    """The reporting stage of a monitor.
+
+    Args:
+        ignore: Kinds never reported.
+        on_finding: The policy: ``"warn"``, ``"raise"``, ``"record"`` or a callable.
+        sinks: Where each new finding is written (before the policy runs, so a raising policy
+            loses nothing).
+    """
+
+    def __init__(
+        self, ignore: frozenset[Kind], on_finding: _options.OnFinding, sinks: FanOut
+    ) -> None:
+        self._ignore = ignore
+        self._on_finding = on_finding
+        self._sinks = sinks
+        self._lock = threading.RLock()
+        self._findings: list[Finding] = []
+        self._occurrences: collections.Counter[tuple[Kind, str | None]] = collections.Counter()
+        self._tolerated: tuple[tuple[int, frozenset[Kind]], ...] = ()
+        """(step, kinds) of recent checks at which those kinds are expected, not findings."""
+
+    @property
+    def findings(self) -> list[Finding]:
+        with self._lock:
+            return list(self._findings)
+
+    @property
+    def occurrences(self) -> dict[tuple[Kind, str | None], int]:
+        with self._lock:
+            return dict(self._occurrences)
+
+    def tolerate(self, step: int, kinds: Sequence[Kind]) -> None:
+        """Expect ``kinds`` at ``step`` (replacing what was expected there), not report them."""
+        kept = tuple((s, k) for s, k in self._tolerated if s != step)
+        if kinds:
+            kept = (*kept, (step, frozenset(kinds)))
+        self._tolerated = kept[-64:]  # checks still in flight are at most a few steps old
+
+    def is_tolerated(self, finding: Finding) -> bool:
+        return any(
+            step == finding.step and finding.kind in kinds for step, kinds in self._tolerated
+        )
+
+    def report(self, findings: Iterable[Finding], *, raising: bool = True) -> None:
+        new: list[Finding] = []
+        with self._lock:
+            for finding in findings:
+                if finding.kind in self._ignore or self.is_tolerated(finding):
+                    continue
+                key = (finding.kind, finding.param)
+                self._occurrences[key] += 1
+                if self._occurrences[key] == 1:
+                    self._findings.append(finding)
+                    new.append(finding)
+        for finding in new:
+            self._sinks.write_finding(finding)
+        for finding in new:
+            self._apply_policy(finding, raising=raising)
+
+    def state(self) -> tuple[list[Finding], list[list[object]]]:
+        with self._lock:
+            occurrences: list[list[object]] = [
+                [k.value, p, n] for (k, p), n in self._occurrences.items()
+            ]
+            return list(self._findings), occurrences
+
+    def load(
+        self, findings: list[Finding], occurrences: dict[tuple[Kind, str | None], int]
+    ) -> None:
+        with self._lock:
+            self._findings = list(findings)
+            self._occurrences = collections.Counter(occurrences)
+
+    def _apply_policy(self, finding: Finding, *, raising: bool) -> None:
+        policy = self._on_finding
+        if policy == "warn":
+            warnings.warn(GradWatchWarning(finding), stacklevel=4)
+        elif policy == "raise":
+            if raising:
+                raise GradientError(finding)
+        elif callable(policy):
+            policy(finding)
