@@ -22,7 +22,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -721,3 +721,85 @@ class FrameworkWatch:
                     raise GradientError(finding)
             elif callable(policy) and zero:
                 policy(finding)
+
+
+class CallbackSurface:
+    """What every framework callback exposes, over one :class:`FrameworkWatch`.
+
+    A callback class sets ``_ENTRY`` (its constructor as errors name it) and ``_NAME`` (how
+    errors during training and its state name it), calls :meth:`_set_up` from ``__init__`` with
+    its keyword arguments, and translates its framework's events into ``self._core``'s.
+    """
+
+    _ENTRY: ClassVar[str]
+    _NAME: ClassVar[str]
+    settings: Settings
+    _core: FrameworkWatch
+
+    def _set_up(
+        self,
+        *,
+        log_dir: Any,
+        histogram_every: int,
+        accumulation_steps: int | None,
+        on_finding: _options.OnFinding,
+        on_nonfinite: _options.OnNonFinite,
+        sinks: Sequence[Sink],
+        detector_options: dict[str, Any],
+    ) -> None:
+        self.settings = Settings.validate(
+            self._ENTRY,
+            log_dir=log_dir,
+            histogram_every=histogram_every,
+            accumulation_steps=accumulation_steps,
+            on_finding=on_finding,
+            on_nonfinite=on_nonfinite,
+            sinks=sinks,
+            detector_options=detector_options,
+            framework=True,
+        )
+        self._core = FrameworkWatch(self.settings, name=self._NAME)
+
+    @property
+    def log_dir(self) -> LogDir:
+        return self.settings.log_dir
+
+    @property
+    def histogram_every(self) -> int:
+        return self.settings.histogram_every
+
+    @property
+    def accumulation_steps(self) -> int | None:
+        return self.settings.accumulation_steps
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self.settings.on_nonfinite
+
+    @property
+    def options(self) -> _options.DetectorOptions:
+        return self.settings.options
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The first occurrence of each (kind, parameter) on any rank, in the order reported."""
+        return self._core.findings
+
+    @property
+    def occurrences(self) -> dict[tuple[Kind, str | None], int]:
+        """How many of this rank's checks showed each (kind, parameter)."""
+        return self._core.occurrences
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (steps a ``GradScaler`` skipped are not counted)."""
+        return self._core.step
+
+    @property
+    def output_dir(self) -> str | None:
+        """The directory TensorBoard events and the findings log go to (rank zero), if any."""
+        return self._core.output_dir
+
+    def summary(self) -> str:
+        """A readable report of every finding so far."""
+        return self._core.summary()

@@ -71,8 +71,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradwatch import _frontend, _options
-from gradwatch._frontend import FrameworkWatch, Settings
-from gradwatch.findings import Finding, Kind
+from gradwatch._frontend import CallbackSurface
 from gradwatch.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -110,7 +109,7 @@ if not TYPE_CHECKING:
     _CallbackBase = type("_CallbackBase", _callback_bases(), {"__module__": __name__})
 
 
-class GradWatchCallback(_CallbackBase):
+class GradWatchCallback(CallbackSurface, _CallbackBase):
     """Catch gradient bugs inside ``Trainer.fit``: the Lightning counterpart of ``watch()``.
 
     Args:
@@ -145,6 +144,9 @@ class GradWatchCallback(_CallbackBase):
             ones, with no optimizer over any of them, or a log directory that cannot be created.
     """
 
+    _ENTRY = _ENTRY
+    _NAME = _DURING_FIT
+
     def __init__(
         self,
         *,
@@ -157,8 +159,7 @@ class GradWatchCallback(_CallbackBase):
         **detector_options: Any,
     ) -> None:
         super().__init__()
-        self.settings = Settings.validate(
-            _ENTRY,
+        self._set_up(
             log_dir=log_dir,
             histogram_every=histogram_every,
             accumulation_steps=accumulation_steps,
@@ -166,60 +167,16 @@ class GradWatchCallback(_CallbackBase):
             on_nonfinite=on_nonfinite,
             sinks=sinks,
             detector_options=detector_options,
-            framework=True,
         )
-        self._core = FrameworkWatch(self.settings, name="GradWatchCallback")
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def log_dir(self) -> str | bool | None:
-        return self.settings.log_dir
-
-    @property
-    def histogram_every(self) -> int:
-        return self.settings.histogram_every
-
-    @property
-    def accumulation_steps(self) -> int | None:
-        return self.settings.accumulation_steps
-
-    @property
-    def on_nonfinite(self) -> str:
-        return self.settings.on_nonfinite
-
-    @property
-    def options(self) -> _options.DetectorOptions:
-        return self.settings.options
-
-    @property
-    def findings(self) -> list[Finding]:
-        """The first occurrence of each (kind, parameter) on any rank, in the order reported."""
-        return self._core.findings
-
-    @property
-    def occurrences(self) -> dict[tuple[Kind, str | None], int]:
-        """How many of this rank's checks showed each (kind, parameter)."""
-        return self._core.occurrences
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken so far (steps a ``GradScaler`` skipped are not counted)."""
-        return self._core.step
-
-    @property
-    def output_dir(self) -> str | None:
-        """The directory TensorBoard events and the findings log go to (rank zero), if any."""
-        return self._core.output_dir
+    # findings, occurrences, step, output_dir, summary() and the settings' properties come from
+    # CallbackSurface.
 
     @property
     def state_key(self) -> str:
         """Unique per settings, so callbacks with different settings share one checkpoint."""
         return self._generate_state_key(**self.settings.key_fields())
-
-    def summary(self) -> str:
-        """A readable report of every finding so far."""
-        return self._core.summary()
 
     def state_dict(self) -> dict[str, Any]:
         """Step counts, detector history and findings, saved in Lightning checkpoints."""

@@ -41,9 +41,8 @@ from typing import Any
 import torch
 
 from gradwatch import _frontend, _options
-from gradwatch._frontend import FrameworkWatch, Settings, TorchCollective
+from gradwatch._frontend import CallbackSurface, TorchCollective
 from gradwatch._wrapped import unwrap_optimizer
-from gradwatch.findings import Finding, Kind
 from gradwatch.sinks.base import Sink
 
 try:
@@ -59,7 +58,7 @@ _ENTRY = "gradwatch.transformers.GradWatchCallback()"
 _LOGGER = logging.getLogger("transformers")
 
 
-class GradWatchCallback(TrainerCallback):
+class GradWatchCallback(CallbackSurface, TrainerCallback):
     """Catch gradient bugs inside ``transformers.Trainer.train``.
 
     Args:
@@ -88,6 +87,9 @@ class GradWatchCallback(TrainerCallback):
             a log directory that cannot be created.
     """
 
+    _ENTRY = _ENTRY
+    _NAME = "gradwatch.transformers.GradWatchCallback"
+
     def __init__(
         self,
         *,
@@ -99,8 +101,7 @@ class GradWatchCallback(TrainerCallback):
         sinks: Sequence[Sink] = (),
         **detector_options: Any,
     ) -> None:
-        self.settings = Settings.validate(
-            _ENTRY,
+        self._set_up(
             log_dir=log_dir,
             histogram_every=histogram_every,
             accumulation_steps=accumulation_steps,
@@ -108,34 +109,11 @@ class GradWatchCallback(TrainerCallback):
             on_nonfinite=on_nonfinite,
             sinks=sinks,
             detector_options=detector_options,
-            framework=True,
         )
-        self._core = FrameworkWatch(self.settings, name="gradwatch.transformers.GradWatchCallback")
         self._optimizer: torch.optim.Optimizer | None = None
 
-    @property
-    def findings(self) -> list[Finding]:
-        """The first occurrence of each (kind, parameter) on any rank, in the order reported."""
-        return self._core.findings
-
-    @property
-    def occurrences(self) -> dict[tuple[Kind, str | None], int]:
-        """How many of this rank's checks showed each (kind, parameter)."""
-        return self._core.occurrences
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken so far (steps a ``GradScaler`` skipped are not counted)."""
-        return self._core.step
-
-    @property
-    def output_dir(self) -> str | None:
-        """The directory TensorBoard events and the findings log go to (rank zero), if any."""
-        return self._core.output_dir
-
-    def summary(self) -> str:
-        """A readable report of every finding so far."""
-        return self._core.summary()
+    # findings, occurrences, step, output_dir, summary() and the settings' properties come from
+    # CallbackSurface.
 
     # ------------------------------------------------------------------ Trainer events
 
