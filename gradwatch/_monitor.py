@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -500,9 +501,12 @@ def _magnitudes(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``norms`` with each infinite norm of finite values (squares overflowing float32) replaced
     by the largest |value|, and where that was so; only while the gradients are at hand."""
-    if grads is None or bool(torch.isfinite(norms).all()):
+    if grads is None:
         return norms, None
-    positions = torch.isinf(norms).nonzero().flatten().tolist()
+    values = norms.numpy()
+    if np.isfinite(values).all():  # the common case, at a numpy call's cost
+        return norms, None
+    positions = np.flatnonzero(np.isinf(values)).tolist()
     if not positions:
         return norms, None
     largest = max_abs([grads[j] for j in positions])  # the check's answer is on the host already

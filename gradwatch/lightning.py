@@ -134,6 +134,9 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
             and a ``skipped_step`` finding records it. On CUDA it costs one host-device
             synchronisation per step. Under a ``GradScaler`` (``16-mixed``) the scaler already
             skips those steps; see the module documentation.
+        sinks: Outputs of your own (:class:`gradwatch.sinks.Sink`), on rank zero: every
+            check's statistics and every finding (of any rank, with its ``rank``), closed when
+            ``fit`` ends.
         **detector_options: As for ``gradwatch.watch``: ``no_grad_after``, ``explode_factor``,
             ``max_grad_norm``, ``warmup_steps``, ``history``, ``vanish_ratio``,
             ``vanish_steps``, ``ignore``.

@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 import gradwatch
+from gradwatch.sinks import Sink
 from tests.helpers.models import EncoderDecoder
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -202,12 +203,34 @@ class Task(nn.Module):
         return {"loss": nn.functional.mse_loss(self.net(x), labels)}
 
 
+class Recorder(Sink):
+    """A sink of the user's own, passed with ``sinks=``: what each front end sends it."""
+
+    def __init__(self) -> None:
+        self.checked: list[int] = []
+        self.findings: list[tuple[gradwatch.Finding, int | None]] = []
+        self.closed = 0
+
+    def write_check(
+        self, step: int, names: Sequence[str], norms: torch.Tensor, total_norm: float
+    ) -> None:
+        assert len(names) == len(norms)
+        self.checked.append(step)
+
+    def write_finding(self, finding: gradwatch.Finding, *, rank: int | None = None) -> None:
+        self.findings.append((finding, rank))
+
+    def close(self) -> None:
+        self.closed += 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     findings: list[gradwatch.Finding]
     steps: int
     before: Weights
     after: Weights
+    sink: Recorder
 
 
 def run_watch(case: Case, tmp_path: pathlib.Path) -> Run:
@@ -216,12 +239,14 @@ def run_watch(case: Case, tmp_path: pathlib.Path) -> Run:
     x, y = dataset(case)
     optimizer = torch.optim.SGD(task.parameters(), lr=LR)
     passes = case.accumulation
+    sink = Recorder()
     with gradwatch.watch(
         task,
         optimizer,
         log_dir=None,  # watch()'s "no files" (False is the callbacks' spelling)
         accumulation_steps=case.declared or passes,
         on_finding="record",
+        sinks=[sink],
     ) as watcher:
         for step in range(case.steps):
             optimizer.zero_grad()
@@ -231,7 +256,7 @@ def run_watch(case: Case, tmp_path: pathlib.Path) -> Run:
                 loss = plant(case, task(x[batch], y[batch])["loss"], step, task.net)
                 (loss / passes).backward()
             optimizer.step()
-    return Run(watcher.findings, watcher.step, before, weights(task.net))
+    return Run(watcher.findings, watcher.step, before, weights(task.net), sink)
 
 
 class LightningTask(pl.LightningModule):  # type: ignore[misc]
@@ -254,8 +279,9 @@ class LightningTask(pl.LightningModule):  # type: ignore[misc]
 def run_lightning(case: Case, tmp_path: pathlib.Path) -> Run:
     module = LightningTask(case)
     before = weights(module.net)
+    sink = Recorder()
     callback = LightningCallback(
-        on_finding="record", log_dir=False, accumulation_steps=case.declared
+        on_finding="record", log_dir=False, accumulation_steps=case.declared, sinks=[sink]
     )
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(*dataset(case)), batch_size=BATCH, shuffle=False
@@ -274,7 +300,7 @@ def run_lightning(case: Case, tmp_path: pathlib.Path) -> Run:
     )
     trainer.fit(module, loader)
     assert trainer.global_step == case.steps
-    return Run(callback.findings, callback.step, before, weights(module.net))
+    return Run(callback.findings, callback.step, before, weights(module.net), sink)
 
 
 class Rows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
@@ -306,8 +332,9 @@ class PlantingTrainer(transformers.Trainer):  # type: ignore[misc]
 def run_transformers(case: Case, tmp_path: pathlib.Path) -> Run:
     task = Task(shared_net(case))
     before = weights(task.net)
+    sink = Recorder()
     callback = TransformersCallback(
-        on_finding="record", log_dir=False, accumulation_steps=case.declared
+        on_finding="record", log_dir=False, accumulation_steps=case.declared, sinks=[sink]
     )
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -336,7 +363,7 @@ def run_transformers(case: Case, tmp_path: pathlib.Path) -> Run:
     )
     trainer.train()
     assert trainer.state.global_step == case.steps
-    return Run(callback.findings, callback.step, before, weights(task.net))
+    return Run(callback.findings, callback.step, before, weights(task.net), sink)
 
 
 RUNNERS: dict[str, Callable[[Case, pathlib.Path], Run]] = {
@@ -412,3 +439,19 @@ def test_front_ends_agree(case: Case, runs: Callable[[Case, str], Run]) -> None:
                     f"{front_end} trained net.{name} differently from watch(): {message}"
                 ),
             )
+
+
+@pytest.mark.parametrize("front_end", list(RUNNERS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_sinks_of_the_users_own(
+    case: Case, front_end: str, runs: Callable[[Case, str], Run]
+) -> None:
+    """``sinks=`` in every front end: a statistics call per optimizer step, each finding once as
+    it is reported (with ``rank`` 0 from the callbacks, ``None`` from ``watch()``), closed once
+    at the end."""
+    run = runs(case, front_end)
+    assert run.sink.checked == list(range(case.steps))
+    assert [finding for finding, _ in run.sink.findings] == run.findings
+    rank = None if front_end == "watch" else 0
+    assert {r for _, r in run.sink.findings} <= {rank}
+    assert run.sink.closed == 1
