@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -29,15 +28,14 @@ from torch import nn
 
 from gradwatch import _options
 from gradwatch._monitor import Monitor, check_parameters, format_summary
+from gradwatch._reporting import apply_policy
 from gradwatch._steppers import StepState
 from gradwatch._wrapped import unwrap_optimizer
 from gradwatch.findings import (
     Finding,
-    GradientError,
     GradWatchError,
     GradWatchTypeError,
     GradWatchValueError,
-    GradWatchWarning,
     Kind,
 )
 from gradwatch.registry import HookRegistry
@@ -708,19 +706,15 @@ class FrameworkWatch:
             for rank, finding in new:
                 self._finding_sinks.write_finding(finding, rank=rank)
         for rank, finding in new:
-            where = f" (on rank {rank})" if self._world_size > 1 else ""
-            policy = self.settings.on_finding
-            if policy == "warn":
-                if zero:
-                    warnings.warn(GradWatchWarning(finding), stacklevel=3)
-                continue
-            if zero:
-                self._logger.info("gradwatch%s: %s", where, finding)
-            if policy == "raise":
-                if raising:
-                    raise GradientError(finding)
-            elif callable(policy) and zero:
-                policy(finding)
+            apply_policy(
+                self.settings.on_finding,
+                finding,
+                raising=raising,
+                stacklevel=3,
+                announce=zero,
+                logger=self._logger,
+                where=f" (on rank {rank})" if self._world_size > 1 else "",
+            )
 
 
 class CallbackSurface:

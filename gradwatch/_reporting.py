@@ -4,6 +4,7 @@ written to the sinks and handed to the policy."""
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -88,11 +89,38 @@ class Reporter:
             self._occurrences = collections.Counter(occurrences)
 
     def _apply_policy(self, finding: Finding, *, raising: bool) -> None:
-        policy = self._on_finding
-        if policy == "warn":
-            warnings.warn(GradWatchWarning(finding), stacklevel=4)
-        elif policy == "raise":
-            if raising:
-                raise GradientError(finding)
-        elif callable(policy):
-            policy(finding)
+        apply_policy(self._on_finding, finding, raising=raising, stacklevel=4)
+
+
+def apply_policy(
+    policy: _options.OnFinding,
+    finding: Finding,
+    *,
+    raising: bool,
+    stacklevel: int,
+    announce: bool = True,
+    logger: logging.Logger | None = None,
+    where: str = "",
+) -> None:
+    """What ``on_finding`` does with a new finding; the one policy of every front end.
+
+    Args:
+        raising: Whether ``"raise"`` raises here (not while closing, nor for findings reported
+            late from a check still in flight).
+        stacklevel: As for ``warnings.warn``, counted from the caller of this function.
+        announce: Whether this process speaks: warnings, log lines and the user's callable run
+            on rank zero only; ``"raise"`` raises on every rank.
+        logger: Where a finding that is not a warning is also logged (the frameworks' loggers).
+        where: Appended to ``gradwatch`` in that log line (`` (on rank 1)``).
+    """
+    if policy == "warn":
+        if announce:
+            warnings.warn(GradWatchWarning(finding), stacklevel=stacklevel + 1)
+        return
+    if logger is not None and announce:
+        logger.info("gradwatch%s: %s", where, finding)
+    if policy == "raise":
+        if raising:
+            raise GradientError(finding)
+    elif callable(policy) and announce:
+        policy(finding)

@@ -1,9 +1,11 @@
 """``watch()`` and :class:`Watcher`: the plain-PyTorch front end.
 
-It validates the arguments, then wires hooks into the core (:class:`gradwatch._monitor.Monitor`):
+It validates the arguments and opens a session through the front-end layer
+(:mod:`gradwatch._frontend`), which wires hooks into the core (:class:`gradwatch._monitor.Monitor`):
 one post-accumulate-grad hook per parameter feeds the tracker, and hooks around
 ``optimizer.step()`` run a check before each step (after it when the step takes a closure, which
-computes the gradients inside ``step()``) and record the gradients each step used.
+computes the gradients inside ``step()``) and record the gradients each step used. What is left
+here is what only ``watch()`` has: one open watcher per model, and the ``with`` block.
 """
 
 from __future__ import annotations
@@ -296,10 +298,6 @@ class Watcher:
             f"Watcher({state}, params={len(self.param_names)}, step={self.step}, "
             f"findings={len(self.findings)})"
         )
-
-
-def _trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 __all__ = ["Watcher", "watch"]

@@ -186,3 +186,53 @@ def test_a_0_1_state_with_a_missing_detector_is_refused_and_the_watcher_kept() -
         with pytest.raises(GradWatchValueError, match=r"could not be loaded.*holds 3 states"):
             watcher.load_state_dict(state)
         assert watcher.state_dict()["steps"] == before["steps"]
+
+
+# The keys gradwatch 0.1 gave these callbacks: checkpoints saved by it find their state only if
+# the key is unchanged.
+_KEYS_0_1 = {
+    "defaults": (
+        {},
+        "GradWatchCallback{'log_dir': None, 'accumulation_steps': None, 'on_finding': 'warn', "
+        "'on_nonfinite': 'report', 'no_grad_after': 5, 'explode_factor': 1000.0, "
+        "'max_grad_norm': 1000000.0, 'warmup_steps': 5, 'history': 32, 'vanish_ratio': 0.001, "
+        "'vanish_steps': 5, 'ignore': []}",
+    ),
+    "settings": (
+        {
+            "log_dir": False,
+            "accumulation_steps": 2,
+            "on_finding": "record",
+            "history": 40,
+            "ignore": ["nan"],
+        },
+        "GradWatchCallback{'log_dir': False, 'accumulation_steps': 2, 'on_finding': 'record', "
+        "'on_nonfinite': 'report', 'no_grad_after': 5, 'explode_factor': 1000.0, "
+        "'max_grad_norm': 1000000.0, 'warmup_steps': 5, 'history': 40, 'vanish_ratio': 0.001, "
+        "'vanish_steps': 5, 'ignore': ['nan']}",
+    ),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "key"), list(_KEYS_0_1.values()), ids=list(_KEYS_0_1))
+def test_the_lightning_state_key_is_the_one_of_0_1(kwargs: dict[str, Any], key: str) -> None:
+    callback_class = pytest.importorskip("gradwatch.lightning").GradWatchCallback
+    assert callback_class(**kwargs).state_key == key
+
+
+def test_an_option_added_later_joins_the_key_only_when_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen as if ``history`` had come after 0.1: absent from the key at its default, so a
+    callback with 0.1's settings keeps 0.1's key, and present when set."""
+    from gradwatch import _frontend
+
+    later = tuple(name for name in _frontend._KEY_OPTIONS_0_1 if name != "history")
+    monkeypatch.setattr(_frontend, "_KEY_OPTIONS_0_1", later)
+    default = _frontend.Settings.validate("x()", framework=True).key_fields()
+    assert "history" not in default
+    assert "vanish_steps" in default
+    changed = _frontend.Settings.validate(
+        "x()", framework=True, detector_options={"history": 40}
+    ).key_fields()
+    assert changed == {**default, "history": 40}
