@@ -46,6 +46,11 @@ RATIO_EVERY = 10
 
 _NON_FINITE = (Kind.NAN, Kind.INF)
 
+OWN_DIRECTORY = "gradwatch_logs"
+"""The folder a callback writes to under its framework's log directory when it has no
+TensorBoard run to join. Not ``gradwatch``: in a project's working directory that folder would
+shadow the installed package."""
+
 LogDir = str | None | Literal[False]
 
 _KEY_OPTIONS_0_1 = (

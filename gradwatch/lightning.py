@@ -115,8 +115,8 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
     Args:
         log_dir: Where TensorBoard event files and the findings log go. ``None`` (default): into
             the Trainer's ``TensorBoardLogger`` (its experiment, same run directory) when it has
-            one, else into ``<trainer.log_dir>/gradwatch`` (said once on rank zero). A path: its
-            own writer there. A ``SummaryWriter`` of yours: written to and flushed, never
+            one, else into ``<trainer.log_dir>/gradwatch_logs`` (said once on rank zero). A path:
+            its own writer there. A ``SummaryWriter`` of yours: written to and flushed, never
             closed. ``False``: no files. Only rank zero writes.
         histogram_every: Optimizer steps between gradient histograms in TensorBoard, at steps
             (``trainer.global_step``) that are multiples of it (0 turns them off).
@@ -264,7 +264,8 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
         directory: str | None = log_dir if isinstance(log_dir, str) else None
         if log_dir is None and tensorboard is None:
             # Every rank asks: Trainer.log_dir broadcasts rank zero's answer.
-            directory = os.path.join(str(trainer.log_dir or trainer.default_root_dir), "gradwatch")
+            root = str(trainer.log_dir or trainer.default_root_dir)
+            directory = os.path.join(root, _frontend.OWN_DIRECTORY)
         if rank != 0:
             return []
         if tensorboard is not None:

@@ -187,7 +187,7 @@ class GradWatchCallback(CallbackSurface, TrainerCallback):
             if "tensorboard" in reports or "all" in reports:
                 directory = _tensorboard_dir(args)
             else:
-                directory = os.path.join(str(args.output_dir), "gradwatch_logs")
+                directory = os.path.join(str(args.output_dir), _frontend.OWN_DIRECTORY)
         outputs = _frontend.open_outputs(
             None if writer is not None else directory, writer, _ENTRY, none_hint="log_dir=False"
         )

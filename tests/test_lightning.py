@@ -551,7 +551,7 @@ def test_without_tensorboard_logger_writes_its_own_directory(
     callback = GradWatchCallback(on_finding="record")
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
         fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, logger=csv, steps=4)
-    expected = pathlib.Path(csv.log_dir) / "gradwatch"
+    expected = pathlib.Path(csv.log_dir) / "gradwatch_logs"
     assert callback.output_dir == str(expected)
     assert "gradwatch/grad_norm/total" in read_events(expected).Tags()["scalars"]
     said = [r.getMessage() for r in caplog.records if str(expected) in r.getMessage()]
@@ -591,8 +591,53 @@ def test_log_dir_false_leaves_the_loggers_alone(lpl: ModuleType, tmp_path: pathl
 def test_no_logger_writes_under_default_root_dir(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
     callback = GradWatchCallback(on_finding="record")
     fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, steps=4)
-    assert callback.output_dir == str(tmp_path / "gradwatch")
-    assert "gradwatch/grad_norm/total" in read_events(tmp_path / "gradwatch").Tags()["scalars"]
+    assert callback.output_dir == str(tmp_path / "gradwatch_logs")
+    events = read_events(tmp_path / "gradwatch_logs")
+    assert "gradwatch/grad_norm/total" in events.Tags()["scalars"]
+
+
+def test_no_logger_in_a_project_directory_leaves_the_package_importable(
+    lpl: ModuleType, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``logger=False`` and no ``default_root_dir``, Lightning's log directory is the
+    working directory; a ``gradwatch/`` folder written there would shadow the package."""
+    monkeypatch.chdir(tmp_path)
+    callback = GradWatchCallback(on_finding="record")
+    trainer = lpl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    trainer.fit(modules(lpl).Regressor(), loader())
+    assert not (tmp_path / "gradwatch").exists()
+    assert callback.output_dir == str(tmp_path / "gradwatch_logs")
+    found = subprocess.run(
+        [sys.executable, "-c", "import gradwatch; print(gradwatch.watch.__module__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert found.stdout.strip() == "gradwatch.watcher", found.stderr
+
+
+def test_a_healthy_run_leaves_an_empty_findings_log_that_report_passes(
+    lpl: ModuleType, tmp_path: pathlib.Path
+) -> None:
+    from gradwatch.cli import EXIT_OK, main
+
+    callback = GradWatchCallback(on_finding="record")
+    fit(lpl, modules(lpl).Regressor(), [callback], tmp_path, steps=4)
+    assert callback.findings == []
+    log = tmp_path / "gradwatch_logs" / FINDINGS_LOG_NAME
+    assert log.read_text() == ""
+    assert main(["report", str(tmp_path), "--fail-on", "nan"]) == EXIT_OK
 
 
 def test_explicit_log_dir(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
