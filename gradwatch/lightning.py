@@ -6,7 +6,9 @@ Example:
     >>> callback.findings
     []
 
-How it drives the core (:class:`gradwatch._monitor.Monitor`):
+How it drives the core: it only translates Lightning's hooks into the framework-free core that
+the ``transformers`` callback shares (:class:`gradwatch._frontend.FrameworkWatch`, over
+:class:`gradwatch._monitor.Monitor`):
 
 - ``on_fit_start`` (after ``configure_model`` and ``configure_optimizers``, on every rank) builds a
   monitor over the LightningModule's trainable named parameters and ``trainer.optimizers``, with
