@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple, TextIO
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from gradwatch.findings import Finding, GradWatchWarning
+from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME
 from gradwatch.watcher import watch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -25,6 +28,9 @@ class Scenario(NamedTuple):
     """The kind gradwatch must report, or None for the healthy run."""
     build: Callable[[], tuple[nn.Module, torch.optim.Optimizer]]
     train_step: TrainStep
+    steps_needed: int
+    """The fewest steps after which gradwatch has reported the planted bug (the demo is seeded, so
+    this does not change from one run to the next)."""
 
 
 def mlp(depth: int = 3, width: int = 32, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -80,6 +86,7 @@ SCENARIOS = [
         "missing_zero_grad",
         lambda: sgd(mlp()),
         forgotten_zero_grad,
+        2,  # the second backward pass finds the first one's gradients still there
     ),
     Scenario(
         "nan-from-log0",
@@ -87,6 +94,7 @@ SCENARIOS = [
         "nan",
         lambda: sgd(mlp()),
         log_of_zero_at_step_10,
+        11,  # steps 0 to 10
     ),
     Scenario(
         "lr-too-high",
@@ -94,6 +102,7 @@ SCENARIOS = [
         "exploding",
         lambda: sgd(mlp(), lr=50.0),
         correct_step,
+        3,
     ),
     Scenario(
         "sigmoid-stack",
@@ -101,6 +110,7 @@ SCENARIOS = [
         "vanishing",
         lambda: sgd(mlp(depth=20, width=16, activation=nn.Sigmoid)),
         correct_step,
+        5,  # vanish_steps consecutive checks
     ),
     Scenario(
         "head-not-in-optimizer",
@@ -108,9 +118,20 @@ SCENARIOS = [
         "not_in_optimizer",
         head_left_out_of_optimizer,
         correct_step,
+        1,
     ),
-    Scenario("healthy", "nothing: a correct training loop", None, lambda: sgd(mlp()), correct_step),
+    Scenario(
+        "healthy", "nothing: a correct training loop", None, lambda: sgd(mlp()), correct_step, 1
+    ),
 ]
+
+SLOWEST = max(SCENARIOS, key=lambda s: s.steps_needed)
+MIN_STEPS = SLOWEST.steps_needed
+"""The fewest ``--steps`` with which every planted bug has happened and been caught."""
+
+HISTOGRAM_SLICES = 15
+"""About how many histogram steps each demo model writes, whatever its number of steps, so that
+TensorBoard's Histograms and Distributions tabs show the gradients change."""
 
 
 class DemoResult(NamedTuple):
@@ -125,9 +146,36 @@ class DemoResult(NamedTuple):
         return self.scenario.expected in kinds
 
 
-def run_demo(log_dir: str, steps: int = 30, out: TextIO = sys.stdout) -> list[DemoResult]:
-    """Train every scenario for ``steps`` steps under ``gradwatch.watch`` and print the findings."""
+def fresh_run_dir(log_dir: str, now: float | None = None) -> str:
+    """A new, empty folder under ``log_dir`` for one demo run, named after the local time
+    (``20250102-150405``, then ``20250102-150405-2`` ... for runs within one second).
+
+    ``os.mkdir`` fails rather than reuse a folder that exists, so two demo runs, even at once,
+    never write into the same one, and nothing already under ``log_dir`` is touched.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    path, number = os.path.join(log_dir, stamp), 1
+    while True:
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            number += 1
+            path = os.path.join(log_dir, f"{stamp}-{number}")
+            continue
+        return path
+
+
+def run_demo(log_dir: str, steps: int = 30, out: TextIO | None = None) -> list[DemoResult]:
+    """Train every scenario for ``steps`` steps under ``gradwatch.watch`` and print the findings
+    to ``out`` (default: ``sys.stdout`` as it is at the call); each scenario writes its logs into
+    ``<log_dir>/<scenario name>``."""
+    out = sys.stdout if out is None else out
+    print(
+        f"gradwatch demo: {len(SCENARIOS)} small models, {steps} steps each; logs go to {log_dir}",
+        file=out,
+    )
     results = []
+    histogram_every = max(1, steps // HISTOGRAM_SLICES)
     for number, scenario in enumerate(SCENARIOS, 1):
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(0)
@@ -135,7 +183,9 @@ def run_demo(log_dir: str, steps: int = 30, out: TextIO = sys.stdout) -> list[De
         run_dir = os.path.join(log_dir, scenario.name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GradWatchWarning)
-            with watch(model, opt, log_dir=run_dir, on_finding="record") as watcher:
+            with watch(
+                model, opt, log_dir=run_dir, histogram_every=histogram_every, on_finding="record"
+            ) as watcher:
                 for step in range(steps):
                     x = torch.randn(64, 8, generator=generator)
                     scenario.train_step(step, model, opt, (x, x.sum(dim=1, keepdim=True).sin()))
@@ -153,12 +203,13 @@ def run_demo(log_dir: str, steps: int = 30, out: TextIO = sys.stdout) -> list[De
             f"gradwatch demo: caught all {caught} planted bugs; the healthy run was silent.",
             file=out,
         )
+    where = shlex.quote(log_dir)
     print(
-        f"Findings logs: {log_dir}/*/gradwatch-findings.jsonl "
-        f"(summarise them: gradwatch report {log_dir})",
+        f"Findings logs: {os.path.join(log_dir, '*', FINDINGS_LOG_NAME)} "
+        f"(summarise them: gradwatch report {where})",
         file=out,
     )
-    print(f"Look at the gradients: tensorboard --logdir {log_dir}", file=out)
+    print(f"Look at the gradients: tensorboard --logdir {where}", file=out)
     return results
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
-from gradwatch import _options
+from gradwatch import _checks, _options
 from gradwatch._monitor import Monitor, check_parameters, format_summary
 from gradwatch._reporting import apply_policy
 from gradwatch._steppers import StepState
@@ -177,7 +177,7 @@ def check_sinks(sinks: object) -> tuple[Sink, ...]:
     """``sinks`` as a tuple of :class:`Sink`; objects with the four methods are adapted."""
     if not isinstance(sinks, (list, tuple)):
         raise GradWatchTypeError(
-            f"sinks must be a list or tuple of sinks, got {type(sinks).__name__} {sinks!r:.80}; "
+            f"sinks must be a list or tuple of sinks, got {_checks.received(sinks)}; "
             f"each a gradwatch.sinks.Sink"
         )
     return tuple(as_sink(sink) for sink in sinks)
@@ -257,6 +257,7 @@ def open_outputs(
     findings_log: bool = True,
     rank: int = 0,
     none_hint: str = "None",
+    param_names: Sequence[str] | None = None,
 ) -> list[Sink]:
     """The TensorBoard sink (``writer``'s, or a new one under ``directory``) and the findings
     log in its directory; an ``OSError`` becomes an error naming the path.
@@ -270,7 +271,9 @@ def open_outputs(
     opened: list[Sink] = []
     path = directory
     try:
-        tensorboard = TensorBoardSink(directory, writer=writer, param_every=RATIO_EVERY)
+        tensorboard = TensorBoardSink(
+            directory, writer=writer, param_every=RATIO_EVERY, param_names=param_names
+        )
         opened.append(tensorboard)
         path = tensorboard.log_dir
         if findings_log:
@@ -501,10 +504,15 @@ class FrameworkWatch:
             raise GradWatchTypeError(
                 f"state_dict must be a dict from {source}, got {type(state_dict).__name__}"
             )
-        if state_dict.get("version") != self.STATE_VERSION:
+        version = state_dict.get("version")
+        if (
+            isinstance(version, bool)
+            or not isinstance(version, int)
+            or version != self.STATE_VERSION
+        ):
             raise GradWatchValueError(
                 f"state_dict must come from {source} (version {self.STATE_VERSION}), got "
-                f"version {state_dict.get('version')!r}"
+                f"version {version!r:.40}"
             )
         try:
             findings = [Finding.from_dict(d) for d in state_dict["findings"]]

@@ -158,8 +158,8 @@ def _small_cpu_rows(xs: list[torch.Tensor], bins: int) -> list[torch.Tensor]:
     hi = np.maximum.reduceat(values, starts)
     finite = np.isfinite(lo) & np.isfinite(hi)  # NaN propagates through both
     constant = ~(hi > lo)
-    scale = np.where(constant | ~finite, 0.0, bins / np.where(constant, 1.0, hi - lo))
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite gradients: redone below
+        scale = np.where(constant | ~finite, 0.0, bins / np.where(constant, 1.0, hi - lo))
         position = (values - np.repeat(lo, lengths)) * np.repeat(scale, lengths)
         sums = [np.add.reduceat(v, starts) for v in (values, values * values, np.abs(values))]
     index = np.nan_to_num(position, nan=0.0, posinf=0.0, neginf=0.0).astype(np.int64)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -28,8 +27,14 @@ from gradwatch._histograms import (
     histogram_rows,
     statistics_dtype,
 )
-from gradwatch._reporting import Reporter
-from gradwatch._stats import HostCopy, NormPlan, gradient_norms, max_abs
+from gradwatch._reporting import Reporter, warn_user
+from gradwatch._stats import (
+    HostCopy,
+    NormPlan,
+    _dense_values,
+    _foreach_max_abs,
+    gradient_norms,
+)
 from gradwatch._steppers import Stepper, Steppers, StepState
 from gradwatch._tracker import GradientTracker
 from gradwatch.detectors import (
@@ -75,6 +80,12 @@ class _PendingCheck:
     grads: list[torch.Tensor] | None = None
     """The checked gradients, kept only while the check is processed at once (to tell a real
     Inf from an overflowing square)."""
+    norms_dtype: torch.dtype | None = None
+    """The norms' own dtype when they were packed with more (the host copy's dtype holds them
+    exactly): a check reads the same norms whatever outputs are on."""
+    flags: int = 0
+    """Values after the norms in the host copy: 1 when the gradients of parameters outside the
+    watched model were checked too (``on_nonfinite="skip"``), else 0."""
 
 
 class Monitor:
@@ -191,59 +202,107 @@ class Monitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved, for the same model.
 
+        Every field is checked (its type, shape and range) before anything changes, so a state
+        that is refused leaves the watcher exactly as it was.
+
         Raises:
             GradWatchTypeError: ``state`` is not a dict.
             GradWatchValueError: ``state`` was saved by another version, for another model or
-                with other detector options; the watcher is then left as it was.
+                with other detector options, or a field has the wrong type, shape or value (the
+                message names it); the watcher is then left as it was.
         """
         if not isinstance(state, dict):
             raise GradWatchTypeError(
                 f"state must be a dict from state_dict(), got {type(state).__name__}"
             )
-        if state.get("version") != STATE_VERSION:
+        version = state.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version != STATE_VERSION:
             raise GradWatchValueError(
                 f"state must come from state_dict() (version {STATE_VERSION}), got version "
-                f"{state.get('version')!r}"
+                f"{version!r:.60}"
             )
-        if state.get("param_names") != self._table.names:
+        names = state.get("param_names")
+        if not (
+            isinstance(names, list)
+            and all(isinstance(name, str) for name in names)
+            and names == self._table.names
+        ):
             raise GradWatchValueError(
                 "state was saved for a model with different parameters; expected "
                 f"{len(self._table.names)} parameters named as this model's"
             )
-        previous = self.state_dict()
-        previous_saved = dict(self._steppers.saved_steps)
         try:
             self._load(state)
-        except (AttributeError, KeyError, TypeError, ValueError) as error:
-            self._load(previous)
-            self._steppers.saved_steps = previous_saved
+        except (TypeError, ValueError) as error:
             raise GradWatchValueError(
-                f"state could not be loaded into this watcher (saved with other detector "
-                f"options?): {error}"
+                f"state could not be loaded into this watcher: {error}"
             ) from error
 
     def _load(self, state: dict[str, Any]) -> None:
-        self._steppers.load_steps({int(g): int(n) for g, n in state["steps"].items()})
-        self._tracker.load_state_dict(state["tracker"])
-        saved = state["detectors"]
+        """Checks every field of ``state``, then takes it.
+
+        Raises ``GradWatchTypeError`` or ``GradWatchValueError`` naming the field before anything
+        has changed. The tracker is the last to check its fields and the first to change; after
+        it, nothing can fail.
+        """
+        from gradwatch import _state
+
+        fields = _state.fields(
+            state,
+            (
+                "version",
+                "param_names",
+                "steps",
+                "tracker",
+                "detectors",
+                "findings",
+                "occurrences",
+            ),
+        )
+        steps = {
+            group: _state.integer(f"steps[{group}]", count)
+            for group, count in _state.by_group("steps", fields["steps"]).items()
+        }
+        findings = _state.findings("findings", fields["findings"])
+        occurrences = _state.occurrences("occurrences", fields["occurrences"])
+        detectors = self._loaded_detectors(fields["detectors"])
+        try:
+            self._tracker.load_state_dict(fields["tracker"])
+        except (TypeError, ValueError) as error:
+            raise GradWatchValueError(f"tracker: {error}") from error
+        self._steppers.load_steps(steps)
+        self._detectors = [detectors.get(i, detector) for i, detector in enumerate(self._detectors)]
+        self._reporter.load(findings, occurrences)
+
+    def _loaded_detectors(self, saved: object) -> dict[int, Detector]:
+        """New detectors holding the saved states, by position in the running ones, which they
+        replace only once every field of the state has been checked."""
         if isinstance(saved, list):  # written by gradwatch 0.1: by position
             if len(saved) != len(RELEASE_1_ORDER):
-                raise ValueError(
-                    f"'detectors' holds {len(saved)} states, gradwatch 0.1 saved "
+                raise GradWatchValueError(
+                    f"detectors holds {len(saved)} states, gradwatch 0.1 saved "
                     f"{len(RELEASE_1_ORDER)}"
                 )
             saved = dict(zip(RELEASE_1_ORDER, saved, strict=True))
         if not isinstance(saved, dict):
-            raise TypeError(f"'detectors' is {type(saved).__name__}, not a dict")
-        for detector in self._detectors:
-            # A detector added since the state was saved starts afresh.
-            if detector.name in saved:
-                detector.load_state_dict(saved[detector.name])
-        findings = [Finding.from_dict(d) for d in state["findings"]]
-        occurrences = {
-            (Kind(kind), param): int(count) for kind, param, count in state["occurrences"]
-        }
-        self._reporter.load(findings, occurrences)
+            raise GradWatchTypeError(
+                f"detectors must be a dict of states by detector name, got {type(saved).__name__}"
+            )
+        setup = Setup(self.options, len(self._table), self.accumulation_steps)
+        loaded: dict[int, Detector] = {}
+        for i, detector in enumerate(self._detectors):
+            # A detector added since the state was saved keeps what it has.
+            if detector.name not in saved:
+                continue
+            fresh = type(detector)(setup)
+            try:
+                fresh.load_state_dict(saved[detector.name])
+            except Exception as error:  # a plug-in detector's own checks may raise anything
+                known = isinstance(error, (GradWatchTypeError, GradWatchValueError))
+                detail = str(error) if known else f"{type(error).__name__}: {error}"
+                raise GradWatchValueError(f"detectors.{detector.name}: {detail}") from error
+            loaded[i] = fresh
+        return loaded
 
     # ------------------------------------------------------------------ optimizer step hooks
     # What ``watch()`` registers around every watched ``optimizer.step()``.
@@ -261,13 +320,12 @@ class Monitor:
             stepper.state = StepState.DEFERRED
             if self._skip_nonfinite and not self._warned_closure:
                 self._warned_closure = True
-                warnings.warn(
+                warn_user(
                     "gradwatch: on_nonfinite='skip' cannot skip a step taken with "
                     "optimizer.step(closure): the closure computes the gradients inside step(), "
                     "so gradwatch checks them after the update (NaN/Inf is still reported). Call "
                     "backward() before optimizer.step() to have such steps skipped.",
                     RuntimeWarning,
-                    stacklevel=3,
                 )
             return
         self._check(stepper, stepper.steps, before_update=True)
@@ -366,24 +424,86 @@ class Monitor:
         )
         findings = self._run(context, Phase.AT_CHECK)
         norms = self._plan(stepper, positions, grads).norms(grads)
+        skipping = self._skip_nonfinite and before_update
+        # "skip" promises a step with any non-finite gradient the optimizer is about to use:
+        # those of its parameters outside the watched model are checked too, as one flag in the
+        # same host copy.
+        outside = self._outside_grads(stepper) if skipping else []
         extras = self._extras_due(stepper, label, positions)
-        if extras is not None:
-            norms = self._pack(norms, extras, positions, grads)
-        copy = HostCopy(norms)  # the one device-to-host copy of this check
+        flag = self._outside_flag(stepper, outside) if outside else None
+        packed = norms
+        if extras is not None or flag is not None:
+            packed = self._pack(norms, extras, positions, grads, flag)
+        copy = HostCopy(packed)  # the one device-to-host copy of this check
+        pending = _PendingCheck(
+            context, copy, extras, grads, norms.dtype, flags=1 if outside else 0
+        )
         # To skip a step with non-finite gradients, the answer must be on the host before the
         # optimizer runs: with on_nonfinite="skip" the check waits for its copy (on CUDA one
         # synchronisation per check). Otherwise a copy still in flight is read at a later check,
         # so that a quiet step never waits for the device.
-        skipping = self._skip_nonfinite and before_update
         self._drain(block=skipping, raising=True)  # earlier checks still in flight come first
         if skipping or (copy.ready() and not self._pending):
-            checked = self._process(_PendingCheck(context, copy, extras, grads))
+            checked = self._process(pending)
             if skipping:
+                checked += self._outside_findings(stepper, context, copy.wait(), outside)
                 checked += self._skip_if_nonfinite(stepper, context, checked)
             findings += checked
         else:
-            self._pending.append(_PendingCheck(context, copy, extras))
+            pending.grads = None  # not kept alive until a later check
+            self._pending.append(pending)
         self._reporter.report(findings)
+
+    @staticmethod
+    def _outside_grads(stepper: Stepper) -> list[tuple[str, torch.Tensor]]:
+        """The gradients of the optimizer's parameters outside the watched model, named
+        ``<optimizer N, group G, param P>`` (the optimizer's number in this monitor, the index
+        of its parameter group, the parameter's index in that group)."""
+        optimizer = stepper.optimizer()
+        if optimizer is None or not stepper.outside:
+            return []
+        groups = optimizer.param_groups
+        found = []
+        for g, i in stepper.outside:
+            grad = groups[g]["params"][i].grad
+            if grad is not None:
+                found.append((f"<optimizer {stepper.group}, group {g}, param {i}>", grad))
+        return found
+
+    @staticmethod
+    def _outside_flag(stepper: Stepper, outside: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """One device value: NaN when an outside gradient holds NaN, else Inf when one's norm is
+        infinite (a real Inf, or squares that overflow), else finite."""
+        grads = [grad for _, grad in outside]
+        key = tuple(name for name, _ in outside)
+        if stepper.outside_plan is None or stepper.outside_plan[0] != key:
+            stepper.outside_plan = (key, NormPlan(grads))
+        return stepper.outside_plan[1].norms(grads).max().reshape(1)
+
+    def _outside_findings(
+        self,
+        stepper: Stepper,
+        context: CheckContext,
+        host: torch.Tensor,
+        outside: list[tuple[str, torch.Tensor]],
+    ) -> list[Finding]:
+        """``nan``/``inf`` findings of the gradients outside the watched model, read from the
+        flag after the norms; each non-finite one names its tensor."""
+        if not outside:
+            return []
+        flag = float(host[len(context.indices)])
+        if math.isfinite(flag):  # the quiet step: nothing more is read
+            return []
+        # The flag is the largest norm: also infinite for finite values whose squares overflow.
+        # Look at the values themselves (a device read, only at a step that is likely skipped).
+        findings = []
+        for name, grad in outside:
+            values = _dense_values(grad.detach())
+            state = torch.stack((values.isnan().any(), values.isinf().any())).cpu().tolist()
+            if state[0] or state[1]:
+                kind = Kind.NAN if state[0] else Kind.INF
+                findings.append(Finding(kind, context.step, name, value=1.0, params=(name,)))
+        return findings
 
     def _skip_if_nonfinite(
         self, stepper: Stepper, context: CheckContext, findings: list[Finding]
@@ -391,7 +511,8 @@ class Monitor:
         """Clear the optimizer's gradients when this check found NaN/Inf; the finding saying so.
 
         Runs before the policy, so the gradients are gone even when ``on_finding="raise"``.
-        Gradients a ``GradScaler`` is about to skip (tolerated kinds) are left to it. Every
+        Gradients a ``GradScaler`` is about to skip (tolerated kinds) are left to it. The finding
+        names the watched parameters in backward order, then those outside the model. Every
         ``torch.optim`` optimizer passes over a parameter whose ``.grad`` is ``None``: its weight,
         its state (momentum, moments, step count) and its weight decay are left untouched.
         """
@@ -405,8 +526,11 @@ class Monitor:
             for param in group["params"]:
                 param.grad = None
         stepper.state = StepState.SKIPPED
-        positions = {self._name_position[name] for f in nonfinite for name in f.params}
-        names = tuple(self._table.names[i] for i in by_arrival(context, sorted(positions)))
+        named = [name for f in nonfinite for name in f.params]
+        positions = {self._name_position[name] for name in named if name in self._name_position}
+        watched = [self._table.names[i] for i in by_arrival(context, sorted(positions))]
+        outside = [name for name in dict.fromkeys(named) if name not in self._name_position]
+        names = (*watched, *outside)
         return [
             Finding(Kind.SKIPPED_STEP, context.step, None, value=float(len(names)), params=names)
         ]
@@ -440,17 +564,24 @@ class Monitor:
     def _pack(
         self,
         norms: torch.Tensor,
-        extras: _Extras,
+        extras: _Extras | None,
         positions: list[int],
         grads: list[torch.Tensor],
+        flag: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The norms, then the histogram rows, then the weight norms, in one device tensor."""
-        rows = histogram_rows(grads, extras.bins, norms.device) if extras.histograms else None
+        """The norms, the outside flag, the histogram rows, then the weight norms, in one device
+        tensor whose dtype holds the norms exactly (float64 norms are never rounded to float32:
+        what a check finds must not depend on whether outputs are on)."""
+        histograms = extras is not None and extras.histograms
+        rows = histogram_rows(grads, extras.bins, norms.device) if extras and histograms else None
         dtype = rows.dtype if rows is not None else statistics_dtype(norms.device)
+        dtype = torch.promote_types(dtype, norms.dtype)
         parts = [norms.to(dtype)]
+        if flag is not None:
+            parts.append(flag.to(norms.device, dtype, non_blocking=True))
         if rows is not None:
-            parts.append(rows.reshape(-1))
-        if extras.learning_rates is not None:
+            parts.append(rows.reshape(-1).to(dtype))
+        if extras is not None and extras.learning_rates is not None:
             weights = [self._table.params[i].detach() for i in positions]
             parts.append(gradient_norms(weights).to(norms.device, dtype, non_blocking=True))
         return torch.cat(parts)
@@ -459,9 +590,11 @@ class Monitor:
         context, extras = pending.context, pending.extras
         host = pending.copy.wait()
         count = len(context.indices)
-        context.norms = host if extras is None else host[:count].float()
+        packed = extras is not None or pending.flags
+        context.norms = host[:count].to(pending.norms_dtype) if packed else host
         context.magnitudes, context.overflowed = _magnitudes(context.norms, pending.grads)
-        findings = self._run(context, Phase.STATISTICS)
+        with np.errstate(over="ignore"):  # float64 gradients may lie beyond float32's range
+            findings = self._run(context, Phase.STATISTICS)
         if self._sinks:
             norms = context.norms
             finite = norms[torch.isfinite(norms)]
@@ -469,21 +602,25 @@ class Monitor:
             names = [self._table.names[i] for i in context.indices]
             self._sinks.write_check(context.step, names, norms, total)
             if extras is not None:
-                self._write_extras(context.step, names, host, extras)
+                self._write_extras(
+                    context.step, names, norms, host[count + pending.flags :], extras
+                )
         return findings
 
     def _write_extras(
-        self, step: int, names: list[str], host: torch.Tensor, extras: _Extras
+        self, step: int, names: list[str], norms: torch.Tensor, rest: torch.Tensor, extras: _Extras
     ) -> None:
+        """``rest``: what the host copy holds after the norms and flags."""
         count = len(names)
-        offset = count
+        host = rest
+        offset = 0
         if extras.histograms:
             size = count * (extras.bins + COLUMNS)
             rows = host[offset : offset + size].reshape(count, extras.bins + COLUMNS)
             offset += size
             self._sinks.write_histograms(step, names, GradientHistograms(rows))
         if extras.learning_rates is not None:
-            grad_norms = host[:count].double()
+            grad_norms = norms.double()
             weight_norms = host[offset : offset + count].double()
             lrs = torch.tensor(extras.learning_rates, dtype=torch.float64)
             self._sinks.write_update_ratios(step, names, lrs * grad_norms / weight_norms)
@@ -499,8 +636,10 @@ class Monitor:
 def _magnitudes(
     norms: torch.Tensor, grads: list[torch.Tensor] | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``norms`` with each infinite norm of finite values (squares overflowing float32) replaced
-    by the largest |value|, and where that was so; only while the gradients are at hand."""
+    """``norms`` with each infinite norm of finite values (squares overflowing float32, or
+    float64 beyond ~1.3e154) replaced by the largest |value|, and where that was so; only while
+    the gradients are at hand. The magnitudes are float64 then: a float64 gradient's largest
+    |value| may lie beyond float32's range."""
     if grads is None:
         return norms, None
     values = norms.numpy()
@@ -509,10 +648,11 @@ def _magnitudes(
     positions = np.flatnonzero(np.isinf(values)).tolist()
     if not positions:
         return norms, None
-    largest = max_abs([grads[j] for j in positions])  # the check's answer is on the host already
-    magnitudes = norms.clone()
+    # The check's answer is on the host already; read in the gradients' own precision.
+    largest = [float(n.cpu()) for n in _foreach_max_abs([grads[j] for j in positions])]
+    magnitudes = norms.to(torch.float64, copy=True)
     overflowed = torch.zeros(len(norms), dtype=torch.bool)
-    for position, value in zip(positions, largest.tolist(), strict=True):
+    for position, value in zip(positions, largest, strict=True):
         if math.isfinite(value):
             overflowed[position] = True
             magnitudes[position] = value  # a lower bound of the norm, for the exploding check
@@ -552,16 +692,67 @@ def _learning_rates(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
     return [by_param.get(id(p), math.nan) for p in params]
 
 
+FOLLOW_STEPS = 10
+"""How many optimizer steps after a finding a later one may be marked as following from it."""
+
+_NUMERIC = frozenset((Kind.EXPLODING, Kind.NAN, Kind.INF))
+_FOLLOWS: dict[Kind, frozenset[Kind]] = {
+    Kind.EXPLODING: frozenset((Kind.EXPLODING,)),
+    Kind.NAN: _NUMERIC,
+    Kind.INF: _NUMERIC,
+    Kind.SKIPPED_STEP: _NUMERIC,
+}
+"""The kinds a finding of each kind can follow from: growing gradients overflow into Inf and
+NaN, which spread to other parameters and get steps skipped."""
+
+_AT_ONE_CHECK = {Kind.EXPLODING: 0, Kind.NAN: 1, Kind.INF: 1, Kind.SKIPPED_STEP: 2}
+"""Cause before consequence among findings of one step (a check reports nan before exploding)."""
+
+
+def follows(findings: Sequence[Finding]) -> list[Finding | None]:
+    """For each finding, the earlier one it follows from, at the root of the chain, or ``None``.
+
+    A ``nan``, ``inf`` or ``skipped_step`` finding follows an ``exploding``, ``nan`` or ``inf``
+    one, and an ``exploding`` finding an earlier ``exploding`` one, when that one came first (at
+    an earlier step, or at the same step with exploding before nan/inf before skipped_step), at
+    most ``FOLLOW_STEPS`` steps before, and the two name a parameter in common (``params``, or
+    ``param`` where ``params`` is empty). Of several such, the first counts; a chain is followed
+    to its start, so every NaN of a blow-up points at the exploding finding it began with.
+    """
+    order = sorted(
+        range(len(findings)),
+        key=lambda i: (findings[i].step, _AT_ONE_CHECK.get(findings[i].kind, 0), i),
+    )
+    names = [set(f.params) or ({f.param} - {None}) for f in findings]
+    roots: list[Finding | None] = [None] * len(findings)
+    for position, i in enumerate(order):
+        causes = _FOLLOWS.get(findings[i].kind)
+        if causes is None:
+            continue
+        for j in order[:position]:
+            earlier = findings[j]
+            if (
+                earlier.kind in causes
+                and findings[i].step - earlier.step <= FOLLOW_STEPS
+                and not names[i].isdisjoint(names[j])
+            ):
+                roots[i] = roots[j] or earlier
+                break
+    return roots
+
+
 def format_summary(
     findings: Sequence[Finding], occurrences: dict[tuple[Kind, str | None], int], steps: int
 ) -> str:
-    """The readable report both front ends print: each finding, how often it was seen, advice."""
+    """The readable report both front ends print: each finding, how often it was seen, the
+    earlier finding it follows from (see :func:`follows`), advice."""
     if not findings:
         return f"gradwatch: no gradient problems found in {steps} optimizer steps."
     lines = [f"gradwatch: {len(findings)} finding(s) in {steps} optimizer steps:"]
-    for f in findings:
+    for f, root in zip(findings, follows(findings), strict=True):
         seen = occurrences.get((f.kind, f.param), 1)
         again = f" (seen at {seen} checks)" if seen > 1 else ""
-        lines.append(f"  [{f.kind.value}] {f.param or '(model)'}{again}")
+        after = "" if root is None else f" (follows {root.kind.value} at step {root.step})"
+        lines.append(f"  [{f.kind.value}] {f.param or '(model)'}{again}{after}")
         lines.append(f"      {f.message}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ MAX_HISTORY = _checks.MAX_HISTORY
 check_int_at_least = _checks.check_int_at_least
 _int_at_least = _checks.int_at_least
 _number_above = _checks.number_above
+_received = _checks.received
 
 OnFinding = str | Callable[[Finding], Any]
 
@@ -64,7 +65,11 @@ class DetectorOptions:
     def from_kwargs(cls, kwargs: dict[str, Any], entry: str = "watch()") -> DetectorOptions:
         cls.check_names(kwargs, entry)
         declared = declared_options()
-        values = {name: kwargs.get(name, option.default) for name, option in declared.items()}
+        # numpy and other numbers are kept as the int or float they are (state keys, JSON).
+        values = {
+            name: _checks.plain_number(kwargs.get(name, option.default))
+            for name, option in declared.items()
+        }
         for name, option in declared.items():
             option.check(name, values[name], values)
         return cls(**values, ignore=_kinds("ignore", kwargs.get("ignore", frozenset())))
@@ -89,7 +94,7 @@ def check_on_finding(value: object) -> OnFinding:
         if value not in POLICIES:
             raise GradWatchValueError(
                 f"on_finding must be one of {', '.join(map(repr, POLICIES))} or a callable "
-                f"taking a Finding, got {value!r}"
+                f"taking a Finding, got {_checks.one_line_repr(value)}"
             )
         return value
     if callable(value):
@@ -97,22 +102,20 @@ def check_on_finding(value: object) -> OnFinding:
         return value
     raise GradWatchTypeError(
         f"on_finding must be one of {', '.join(map(repr, POLICIES))} or a callable taking a "
-        f"Finding, got {type(value).__name__} {value!r}"
+        f"Finding, got {_received(value)}"
     )
 
 
 def check_on_nonfinite(value: object) -> OnNonFinite:
     allowed = " or ".join(map(repr, NONFINITE_POLICIES))
     if not isinstance(value, str):
-        raise GradWatchTypeError(
-            f"on_nonfinite must be {allowed} (a str), got {type(value).__name__} {value!r}"
-        )
+        raise GradWatchTypeError(f"on_nonfinite must be {allowed} (a str), got {_received(value)}")
     for policy in NONFINITE_POLICIES:
         if value == policy:
             return policy
     raise GradWatchValueError(
         f"on_nonfinite must be {allowed}: 'report' reports NaN/Inf gradients and lets the "
-        f"optimizer step with them, 'skip' also skips that step; got {value!r}"
+        f"optimizer step with them, 'skip' also skips that step; got {_checks.one_line_repr(value)}"
     )
 
 
@@ -123,13 +126,17 @@ def check_log_dir(value: object) -> str | None:
         path = os.fspath(value)
         if not isinstance(path, str):
             raise GradWatchTypeError(
-                f"log_dir must be None, a str or an os.PathLike of str, got "
-                f"{type(value).__name__} {value!r}"
+                f"log_dir must be None, a str or an os.PathLike of str, got {_received(value)}"
             )
         if not path:
             raise GradWatchValueError(
                 "log_dir must be a directory (or a path where one can be created), got '' "
                 "(an empty path)"
+            )
+        if "\0" in path:
+            # The file system cannot take it: os.makedirs would raise a bare ValueError later.
+            raise GradWatchValueError(
+                f"log_dir must be a path without NUL bytes ('\\x00'), got {path!r}"
             )
         if os.path.exists(path) and not os.path.isdir(path):
             raise GradWatchValueError(
@@ -144,7 +151,7 @@ def check_log_dir(value: object) -> str | None:
             )
         return path
     raise GradWatchTypeError(
-        f"log_dir must be None, a str or an os.PathLike, got {type(value).__name__} {value!r}"
+        f"log_dir must be None, a str or an os.PathLike, got {_received(value)}"
     )
 
 
@@ -183,5 +190,5 @@ def _kinds(name: str, value: object) -> frozenset[Kind]:
     except (TypeError, ValueError):
         raise GradWatchValueError(
             f"{name} must be kinds (or their names) among {', '.join(k.value for k in Kind)}, "
-            f"got {value!r}"
+            f"got {_checks.one_line_repr(value)}"
         ) from None

@@ -1,17 +1,58 @@
 """What happens to a finding once a detector has made it: ignored, tolerated, de-duplicated,
-written to the sinks and handed to the policy."""
+written to the sinks and handed to the policy; and where gradwatch's warnings point.
+
+Every warning gradwatch gives names the first frame outside gradwatch and torch: with
+``watch()``, the user's ``optimizer.step()`` (or ``loss.backward()``) line; with a framework
+callback, the framework's frame that called it (Lightning's or ``transformers``' own code, since
+the user's line is not on the stack there).
+"""
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
 
+import torch
+
 from gradwatch import _options
 from gradwatch.findings import Finding, GradientError, GradWatchWarning, Kind
 from gradwatch.sinks.base import FanOut
+
+_INTERNAL_PREFIXES: tuple[str, ...] = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__)
+)
+"""Where frames that are not the user's live: gradwatch, and torch (its optimizer step wrapper
+and hooks, ``torch.autograd``, ``Tensor.backward``)."""
+
+_SKIP_FILE_PREFIXES = sys.version_info >= (3, 12)
+"""Whether ``warnings.warn`` takes ``skip_file_prefixes`` (Python 3.12)."""
+
+
+def warn_user(message: Warning | str, category: type[Warning] | None = None) -> None:
+    """``warnings.warn(message, category)``, pointing at the first frame outside gradwatch and
+    torch: the user's line that led here (or a framework's, for the callbacks)."""
+    if _SKIP_FILE_PREFIXES:
+        warnings.warn(  # type: ignore[call-overload, unused-ignore]
+            message, category, stacklevel=2, skip_file_prefixes=_INTERNAL_PREFIXES
+        )
+        return
+    warnings.warn(message, category, stacklevel=_outside_level())
+
+
+def _outside_level() -> int:
+    """The ``stacklevel`` of the first frame outside gradwatch and torch, for a
+    ``warnings.warn`` called from the caller of this function."""
+    frame = sys._getframe(2)  # the caller of warn_user: stacklevel 2 of its warnings.warn
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_PREFIXES):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level if frame is not None else 2
 
 
 class Reporter:
@@ -89,7 +130,7 @@ class Reporter:
             self._occurrences = collections.Counter(occurrences)
 
     def _apply_policy(self, finding: Finding, *, raising: bool) -> None:
-        apply_policy(self._on_finding, finding, raising=raising, stacklevel=4)
+        apply_policy(self._on_finding, finding, raising=raising)
 
 
 def apply_policy(
@@ -97,7 +138,7 @@ def apply_policy(
     finding: Finding,
     *,
     raising: bool,
-    stacklevel: int,
+    stacklevel: int | None = None,
     announce: bool = True,
     logger: logging.Logger | None = None,
     where: str = "",
@@ -107,7 +148,8 @@ def apply_policy(
     Args:
         raising: Whether ``"raise"`` raises here (not while closing, nor for findings reported
             late from a check still in flight).
-        stacklevel: As for ``warnings.warn``, counted from the caller of this function.
+        stacklevel: Not used: a warning names the first frame outside gradwatch and torch
+            (see :func:`warn_user`), however deep in gradwatch the finding was made.
         announce: Whether this process speaks: warnings, log lines and the user's callable run
             on rank zero only; ``"raise"`` raises on every rank.
         logger: Where a finding that is not a warning is also logged (the frameworks' loggers).
@@ -115,7 +157,7 @@ def apply_policy(
     """
     if policy == "warn":
         if announce:
-            warnings.warn(GradWatchWarning(finding), stacklevel=stacklevel + 1)
+            warn_user(GradWatchWarning(finding))
         return
     if logger is not None and announce:
         logger.info("gradwatch%s: %s", where, finding)

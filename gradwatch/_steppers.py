@@ -1,5 +1,17 @@
 """Which optimizers a monitor checks, which watched parameters each updates, and where each is
-in its step's life cycle."""
+in its step's life cycle.
+
+Steps are counted twice. Each optimizer counts its own steps (:attr:`Stepper.steps`), which label
+its checks. The monitor's :attr:`Steppers.step` counts the steps of the watched parameters,
+whichever optimizer took them: the most steps any watched parameter has taken. Two optimizers
+over different parts of a model (a GAN) stepping once per iteration count one step per
+iteration; so does a loop that builds a new optimizer every step.
+
+Optimizers are held weakly. When following every optimizer, one that is gone is forgotten (a
+few are kept, :data:`RETIRED`, bounded): a new optimizer over exactly the parameters a forgotten
+one updated takes its place, number and step count, so a loop that rebuilds its optimizer each
+step watches one optimizer, not one more per step.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +20,16 @@ import enum
 import weakref
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from gradwatch._stats import NormPlan
 from gradwatch._tracker import GradientTracker
 from gradwatch.detectors.base import Coverage
+
+RETIRED = 16
+"""Steppers of optimizers that are gone, kept (the latest ones) for a new optimizer over the same
+parameters to take over; older ones are forgotten."""
 
 
 class StepState(enum.Enum):
@@ -43,6 +60,11 @@ class Stepper:
     signature: tuple[tuple[int, int], ...] = ()
     positions: list[int] = dataclasses.field(default_factory=list)
     position_set: frozenset[int] = frozenset()
+    position_array: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros(0, dtype=np.intp)
+    )
+    outside: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    """(param group, index in it) of each of the optimizer's parameters that is not watched."""
     steps: int = 0
     window_start_pass: int = 0
     reached_passes: int = 0
@@ -50,6 +72,8 @@ class Stepper:
     counted_passes: int = 0
     plan: tuple[tuple[int, ...], NormPlan] | None = None
     """The norm plan of the last check, for the positions that had gradients then."""
+    outside_plan: tuple[tuple[str, ...], NormPlan] | None = None
+    """The norm plan of the last check's gradients outside the watched model (``"skip"``)."""
 
 
 class Steppers:
@@ -70,39 +94,48 @@ class Steppers:
         self._accumulation_steps = accumulation_steps
         self._no_grad_after = no_grad_after
         self._steppers: dict[int, Stepper] = {}
+        self._retired: dict[frozenset[int], Stepper] = {}
+        """Steppers of optimizers that are gone, by the positions they updated (at most
+        :data:`RETIRED`, the latest last)."""
+        self._next_group = 0
         self.follow_all = not optimizers
         self._optimized_cache: frozenset[int] | None = None
         self.saved_steps: dict[int, int] = {}
+        self._param_steps = np.zeros(len(params), dtype=np.int64)
+        """Steps each watched parameter has taken, by whichever optimizer."""
+        self._step = 0
         for optimizer in optimizers:
             self._steppers[id(optimizer)] = self._new(optimizer)
+            self._next_group += 1
 
     def __iter__(self) -> Iterator[Stepper]:
-        return iter(list(self._steppers.values()))
+        return iter([*self._steppers.values(), *self._retired.values()])
 
     @property
     def step(self) -> int:
-        """The most steps any optimizer has taken (or a checkpoint recorded)."""
-        saved = self.saved_steps.values()
-        return max((*saved, *(s.steps for s in self._steppers.values())), default=0)
+        """The steps of the watched parameters, whichever optimizer took them: the most any
+        watched parameter has taken (or a checkpoint recorded)."""
+        return self._step
 
     def load_steps(self, steps: dict[int, int]) -> None:
+        """Take each optimizer's step count from a checkpoint; the watched parameters' count
+        becomes the largest of them."""
         self.saved_steps = dict(steps)
-        for stepper in self._steppers.values():
+        for stepper in self:
             stepper.steps = self.saved_steps.get(stepper.group, stepper.steps)
+        self._step = max((*self.saved_steps.values(), *(s.steps for s in self)), default=0)
+        self._param_steps[:] = self._step
 
     def get(self, optimizer: torch.optim.Optimizer) -> Stepper | None:
         """The optimizer's stepper, adopted when following all; ``None`` when it updates no
         watched parameter or is not watched."""
         stepper = self._steppers.get(id(optimizer))
         if stepper is not None and stepper.optimizer() is not optimizer:
-            stepper = None  # a new optimizer reusing a dead one's id
-            del self._steppers[id(optimizer)]
+            stepper = None  # a new optimizer reusing a dead one's id: the old one is gone
         if stepper is None:
             if not self.follow_all:
                 return None
-            stepper = self._new(optimizer)
-            self._steppers[id(optimizer)] = stepper
-            self._optimized_cache = None
+            stepper = self._adopt(optimizer)
         else:
             self._refresh(stepper, optimizer)
         return stepper if stepper.positions else None
@@ -111,6 +144,13 @@ class Steppers:
         stepper.steps += 1
         stepper.window_start_pass = self._tracker.backward_passes
         stepper.state = StepState.READY
+        counts = self._param_steps
+        at = stepper.position_array
+        step = stepper.steps
+        if len(at):
+            counts[at] += 1
+            step = max(step, int(counts[at].max()))
+        self._step = max(self._step, step)
 
     def count_reaching_passes(self, stepper: Stepper, positions: list[int]) -> None:
         tracker = self._tracker
@@ -127,7 +167,7 @@ class Steppers:
         return Coverage(self._optimized_positions(), self._passes_reaching)
 
     def _passes_reaching(self, positions: list[int]) -> list[int]:
-        steppers = list(self._steppers.values())
+        steppers = list(self)
         unowned = self._tracker.backward_passes
         if self.follow_all and self._optimized_positions() is None:
             unowned = 0  # whose parameter it is may not be known yet
@@ -138,21 +178,49 @@ class Steppers:
 
     def _optimized_positions(self) -> frozenset[int] | None:
         if self.follow_all and (
-            not any(s.positions for s in self._steppers.values())
+            not any(s.positions for s in self)
             or self._tracker.backward_passes < self._no_grad_after
         ):
             return None
         if self._optimized_cache is None:
-            self._optimized_cache = frozenset(
-                i for s in self._steppers.values() for i in s.positions
-            )
+            # Parameters of an optimizer that is gone still count as optimized: it stepped them.
+            self._optimized_cache = frozenset(i for s in self for i in s.positions)
         return self._optimized_cache
 
+    def _adopt(self, optimizer: torch.optim.Optimizer) -> Stepper:
+        """A stepper for an optimizer seen for the first time (following all): the stepper of a
+        forgotten optimizer over the same parameters, or a new one."""
+        for key, known in list(self._steppers.items()):
+            if known.optimizer() is None:
+                del self._steppers[key]
+                self._retired.pop(known.position_set, None)
+                self._retired[known.position_set] = known
+        while len(self._retired) > RETIRED:
+            del self._retired[next(iter(self._retired))]
+        stepper = self._new(optimizer)
+        previous = self._retired.pop(stepper.position_set, None)
+        if previous is not None:
+            # The same parameters under a rebuilt optimizer: its number, history and count.
+            previous.optimizer = weakref.ref(optimizer)
+            previous.state = StepState.READY
+            previous.signature = ()
+            self._refresh(previous, optimizer)
+            stepper = previous
+        else:
+            self._next_group += 1  # _new took the number
+        self._steppers[id(optimizer)] = stepper
+        self._optimized_cache = None
+        return stepper
+
     def _new(self, optimizer: torch.optim.Optimizer) -> Stepper:
-        stepper = Stepper(group=len(self._steppers), optimizer=weakref.ref(optimizer))
+        """A stepper numbered next (the caller commits the number); its steps start from a
+        checkpoint's count for that number, else from the count of the parameters it updates."""
+        stepper = Stepper(group=self._next_group, optimizer=weakref.ref(optimizer))
         self._refresh(stepper, optimizer)
         stepper.window_start_pass = self._tracker.backward_passes
-        stepper.steps = self.saved_steps.get(stepper.group, 0)
+        at = stepper.position_array
+        start = int(self._param_steps[at].max()) if len(at) else 0
+        stepper.steps = self.saved_steps.get(stepper.group, start)
         return stepper
 
     def _refresh(self, stepper: Stepper, optimizer: torch.optim.Optimizer) -> None:
@@ -161,7 +229,15 @@ class Steppers:
             return
         stepper.signature = signature
         position = self._position
-        ids = (id(p) for group in optimizer.param_groups for p in group["params"])
+        groups = optimizer.param_groups
+        ids = (id(p) for group in groups for p in group["params"])
         stepper.position_set = frozenset(position[i] for i in ids if i in position)
         stepper.positions = sorted(stepper.position_set)
+        stepper.position_array = np.array(stepper.positions, dtype=np.intp)
+        stepper.outside = [
+            (g, i)
+            for g, group in enumerate(groups)
+            for i, p in enumerate(group["params"])
+            if id(p) not in position
+        ]
         self._optimized_cache = None

@@ -5,10 +5,13 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
+from collections.abc import Mapping
 
 import torch
 
+from gradwatch import _state
 from gradwatch._compat import backward_pass_id
+from gradwatch.findings import GradWatchValueError
 
 _Event = tuple[int, "weakref.ref[torch.Tensor]", int, int]
 
@@ -157,12 +160,48 @@ class GradientTracker:
             "backward_passes": self.backward_passes,
         }
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        received = list(state["received"])  # type: ignore[call-overload]
-        if len(received) != len(self.received):
-            raise ValueError("state was saved for a model with a different number of parameters")
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore what :meth:`state_dict` saved; every field is checked before any changes.
+
+        Raises:
+            GradWatchTypeError: A field has the wrong type (the message names it).
+            GradWatchValueError: A field has a value that is not allowed: flags or positions for
+                another number of parameters, a position out of range, a negative count. The
+                tracker is then left as it was.
+        """
+        received, first_position, backward_passes = self._checked_state(state)
         self.replay()
-        self._received = [bool(r) for r in received]
-        self._received_count = sum(self._received)
-        self._first_position = [int(p) for p in state["first_position"]]  # type: ignore[attr-defined]
-        self._backward_passes = int(state["backward_passes"])  # type: ignore[call-overload]
+        with self._lock:
+            self._received = received
+            self._received_count = sum(received)
+            self._first_position = first_position
+            self._backward_passes = backward_passes
+
+    def _checked_state(self, state: object) -> tuple[list[bool], list[int], int]:
+        fields = _state.fields(state, ("received", "first_position", "backward_passes"))
+        count = len(self._received)
+        for name in ("received", "first_position"):
+            value = fields[name]
+            if isinstance(value, (list, tuple)) and len(value) != count:
+                raise GradWatchValueError(
+                    f"{name} has length {len(value)}, expected {count} (one per parameter): "
+                    f"the state was saved for a model with a different number of parameters"
+                )
+        received = [
+            _state.flag(f"received[{i}]", r)
+            for i, r in enumerate(_state.sequence("received", fields["received"], count))
+        ]
+        positions = _state.sequence("first_position", fields["first_position"], count)
+        first_position = [
+            _state.integer(f"first_position[{i}]", p, -1, count - 1)
+            for i, p in enumerate(positions)
+        ]
+        for i, (got, position) in enumerate(zip(received, first_position, strict=True)):
+            if got != (position >= 0):
+                raise GradWatchValueError(
+                    f"first_position[{i}] must be -1 exactly where received[{i}] is False (a "
+                    f"parameter that never received a gradient has no position), got {position} "
+                    f"with received[{i}] {got}"
+                )
+        backward_passes = _state.integer("backward_passes", fields["backward_passes"])
+        return received, first_position, backward_passes

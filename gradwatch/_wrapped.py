@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gradwatch._checks import one_line_repr
 from gradwatch.findings import GradWatchTypeError
 
 MAX_DEPTH = 8
@@ -193,8 +194,4 @@ def _describe(chain: list[object], *, with_repr: bool = True) -> str:
     last = chain[-1]
     if not with_repr or isinstance(last, torch.optim.Optimizer):
         return names
-    try:
-        text = " ".join(repr(last).split())
-    except Exception:  # a broken __repr__ must not hide the error being reported
-        text = "<repr failed>"
-    return f"{names} {text:.80}"
+    return f"{names} {one_line_repr(last)}"

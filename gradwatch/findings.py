@@ -114,7 +114,7 @@ class Finding:
                 threshold=_number_from_json("threshold", data["threshold"]),
                 params=tuple(params),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             detail = f"no key {error}" if isinstance(error, KeyError) else str(error)
             raise GradWatchValueError(detail) from None
 

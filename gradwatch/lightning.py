@@ -202,12 +202,10 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._core.close()
         name = type(pl_module).__name__
-        _frontend.eligible_parameters(pl_module, _DURING_FIT, name)  # before any output opens
+        named = _frontend.eligible_parameters(pl_module, _DURING_FIT, name)  # before any output
         rank = trainer.global_rank
-        outputs = self._open_outputs(
-            trainer, rank
-        )  # on every rank: trainer.log_dir is a collective
-        named = [p for p in pl_module.parameters() if p.requires_grad]
+        # On every rank: trainer.log_dir is a collective.
+        outputs = self._open_outputs(trainer, rank, [n for n, _ in named])
         self._core.start(
             pl_module,
             list(trainer.optimizers),
@@ -256,7 +254,7 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
 
     # ------------------------------------------------------------------ internals
 
-    def _open_outputs(self, trainer: pl.Trainer, rank: int) -> list[Sink]:
+    def _open_outputs(self, trainer: pl.Trainer, rank: int, names: list[str]) -> list[Sink]:
         """Rank zero's TensorBoard sink and findings log, where the settings say."""
         log_dir = self.settings.log_dir
         if log_dir is False:
@@ -278,6 +276,7 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
             writer,
             _DURING_FIT,
             none_hint="log_dir=False",
+            param_names=names,
         )
         where = outputs[0].log_dir  # type: ignore[attr-defined]
         outputs += _logger_sinks(trainer)

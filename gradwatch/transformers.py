@@ -134,7 +134,9 @@ class GradWatchCallback(CallbackSurface, TrainerCallback):
             or int(args.gradient_accumulation_steps),
             rank=int(args.process_index),
             world_size=world_size,
-            outputs=self._open_outputs(args) if state.is_world_process_zero else [],
+            outputs=self._open_outputs(args, [n for n, _ in named])
+            if state.is_world_process_zero
+            else [],
             collective=TorchCollective() if world_size > 1 else None,
             scaler=getattr(wrapped, "scaler", None),  # accelerate's GradScaler under fp16
             logger=_LOGGER,
@@ -175,7 +177,7 @@ class GradWatchCallback(CallbackSurface, TrainerCallback):
             self._optimizer = None
             raise
 
-    def _open_outputs(self, args: TrainingArguments) -> list[Sink]:
+    def _open_outputs(self, args: TrainingArguments, names: list[str]) -> list[Sink]:
         """Rank zero's TensorBoard sink and findings log, where the settings and arguments say."""
         log_dir, writer = self.settings.log_dir, self.settings.writer
         if log_dir is False:
@@ -189,7 +191,11 @@ class GradWatchCallback(CallbackSurface, TrainerCallback):
             else:
                 directory = os.path.join(str(args.output_dir), _frontend.OWN_DIRECTORY)
         outputs = _frontend.open_outputs(
-            None if writer is not None else directory, writer, _ENTRY, none_hint="log_dir=False"
+            None if writer is not None else directory,
+            writer,
+            _ENTRY,
+            none_hint="log_dir=False",
+            param_names=names,
         )
         where = outputs[0].log_dir  # type: ignore[attr-defined]
         _LOGGER.info("gradwatch: writing gradient statistics and findings to %s", where)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch import _frontend, _options
+from gradwatch import _checks, _frontend, _options
 from gradwatch._frontend import RATIO_EVERY as RATIO_EVERY
 from gradwatch._frontend import Settings
 from gradwatch._wrapped import unwrap_model
@@ -150,7 +150,7 @@ class Watcher:
         )
         if not isinstance(model, nn.Module):
             raise GradWatchTypeError(
-                f"model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}"
+                f"model must be a torch.nn.Module, got {_checks.received(model)}"
             )
         model = unwrap_model(model)  # Fabric's wrapper: watch the module it holds
         optimizers = _frontend.check_optimizers(optimizer, settings.entry)
@@ -183,7 +183,12 @@ class Watcher:
         outputs: list[Sink] = []
         try:
             if self.log_dir is not None:
-                outputs = _frontend.open_outputs(self.log_dir, settings.writer, settings.entry)
+                outputs = _frontend.open_outputs(
+                    self.log_dir,
+                    settings.writer,
+                    settings.entry,
+                    param_names=[name for name, _ in named],
+                )
             self._session = _frontend.Session(
                 settings,
                 named,

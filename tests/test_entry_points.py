@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fractions
 import json
 import pathlib
 import re
@@ -22,6 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -119,6 +121,17 @@ BAD_KEYWORDS: list[Bad] = [
         r"histogram_every must be an int >= 0, got NoneType None"),
     Bad("histogram_every='10'", {"histogram_every": "10"}, TE,
         r"histogram_every must be an int >= 0, got str '10'"),
+    # numpy numbers count as the Python numbers they are: np.bool_ is no int, np.float64 no int
+    Bad("histogram_every=np.True_", {"histogram_every": np.True_}, TE,
+        r"histogram_every must be an int >= 0, got bool "),
+    Bad("histogram_every=np.float64(2.0)", {"histogram_every": np.float64(2.0)}, TE,
+        r"histogram_every must be an int >= 0, got float 2\.0"),
+    Bad("accumulation_steps=np.int64(0)", {"accumulation_steps": np.int64(0)}, VE,
+        r"accumulation_steps must be an int >= 1, got 0"),
+    Bad("history=np.int64(3)", {"history": np.int64(3)}, VE,
+        r"history must be an int >= warmup_steps \(5\) and <= 10000, got 3"),
+    Bad("explode_factor=np.float32(nan)", {"explode_factor": np.float32("nan")}, VE,
+        r"explode_factor must be a finite number > 1, got nan"),
     # on_nonfinite: "report" or "skip"
     Bad("on_nonfinite='drop'", {"on_nonfinite": "drop"}, VE,
         r"on_nonfinite must be 'report' or 'skip': 'report' reports NaN/Inf gradients and lets "
@@ -158,6 +171,10 @@ BAD_KEYWORDS: list[Bad] = [
         _DIRECTORY + r"'[^']*file', which is an existing file"),
     Bad("log_dir=under-a-file", {"log_dir": UNDER_A_FILE}, VE,
         _DIRECTORY + r"'[^']*file/sub', which lies under the existing file '[^']*file'"),
+    Bad("log_dir=NUL", {"log_dir": "runs\0"}, VE,
+        r"log_dir must be a path without NUL bytes \('\\x00'\), got 'runs\\x00'"),
+    Bad("log_dir=NUL-in-a-Path", {"log_dir": InTmp("runs\0sub")}, VE,
+        r"log_dir must be a path without NUL bytes \('\\x00'\), got '[^']*runs\\x00sub'"),
     # unknown keywords
     Bad("unknown=no_grad_afterr", {"no_grad_afterr": 3}, TE,
         r"ENTRY got unknown option\(s\) 'no_grad_afterr'; detector options are: "
@@ -326,6 +343,16 @@ ACCEPTED_KEYWORDS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("on_finding=bound-method", {"on_finding": [].append}, (WATCH, CALLBACK)),
     ("accumulation_steps=None", {"accumulation_steps": None}, (CALLBACK,)),
     ("log_dir=False", {"log_dir": False}, (CALLBACK,)),
+    # numpy numbers and fractions, kept as the int or float they equal
+    ("histogram_every=np.int64(5)", {"histogram_every": np.int64(5)}, (WATCH, CALLBACK)),
+    ("accumulation_steps=np.int32(2)", {"accumulation_steps": np.int32(2)}, (WATCH, CALLBACK)),
+    ("history=np.int64(10000)", {"history": np.int64(10_000)}, (WATCH, CALLBACK)),
+    ("no_grad_after=np.uint8(3)", {"no_grad_after": np.uint8(3)}, (WATCH, CALLBACK)),
+    ("explode_factor=np.float32(4)", {"explode_factor": np.float32(4.0)}, (WATCH, CALLBACK)),
+    ("explode_factor=np.int64(10)", {"explode_factor": np.int64(10)}, (WATCH, CALLBACK)),
+    ("max_grad_norm=np.float64(1e6)", {"max_grad_norm": np.float64(1e6)}, (WATCH, CALLBACK)),
+    ("vanish_ratio=np.float32(0.5)", {"vanish_ratio": np.float32(0.5)}, (WATCH, CALLBACK)),
+    ("vanish_ratio=Fraction(1,4)", {"vanish_ratio": fractions.Fraction(1, 4)}, (WATCH, CALLBACK)),
 ]
 
 
@@ -1018,6 +1045,9 @@ def _prepare(root: pathlib.Path) -> None:
         "no-schema": json.dumps({"kind": "nan", "step": 3}) + "\n",
         "future": _record() + "\n" + _record(schema=2, kind="exploding") + "\n",
         "good": _record() + "\n",
+        "nested-list": "[" * 100_000 + "]" * 100_000 + "\n",
+        "nested-object": '{"a": ' * 100_000 + "1" + "}" * 100_000 + "\n",
+        "line-too-long": _record(message="x" * (1 << 20)) + "\n",
     }
     for name, text in logs.items():
         (root / name).mkdir()
@@ -1056,8 +1086,18 @@ COMMANDS: list[Command] = [
     Command("report-fail-on-unknown", ["report", "{d}/good", "--fail-on", "nan,bogus"],
             EXIT_BAD_INPUT,
             r"gradwatch report: error: argument --fail-on: " + _USAGE.format("bogus")),
-    Command("report-fail-on-wrong-case", ["report", "{d}/good", "--fail-on", "NaN"],
-            EXIT_BAD_INPUT, _USAGE.format("NaN")),
+    Command("report-nested-list", ["report", "{d}/nested-list"], EXIT_OK,
+            r"gradwatch report: skipped .*/nested-list/gradwatch-findings\.jsonl:1: unreadable "
+            r"finding \(nested too deeply\)"),
+    Command("report-nested-object", ["report", "{d}/nested-object"], EXIT_OK,
+            r"skipped .*/nested-object/gradwatch-findings\.jsonl:1: unreadable finding \(nested "
+            r"too deeply\)"),
+    Command("report-line-too-long", ["report", "{d}/line-too-long"], EXIT_OK,
+            r"gradwatch report: skipped .*/line-too-long/gradwatch-findings\.jsonl:1: line "
+            r"longer than 1 MiB"),
+    Command("report-fail-on-unknown-keeps-its-case",
+            ["report", "{d}/good", "--fail-on", "NaN,Bogus"], EXIT_BAD_INPUT,
+            _USAGE.format("Bogus")),
     Command("report-fail-on-empty", ["report", "{d}/good", "--fail-on", ","], EXIT_BAD_INPUT,
             _USAGE.format("','")),
     Command("report-unknown-flag", ["report", "{d}/good", "--bogus"], EXIT_BAD_INPUT,
@@ -1076,11 +1116,19 @@ COMMANDS: list[Command] = [
             r"expected a positive integer, got '1\.5'"),
     Command("demo-steps-word", ["demo", "--steps", "ten"], EXIT_BAD_INPUT,
             r"expected a positive integer, got 'ten'"),
+    Command("demo-steps-too-few", ["demo", "--steps", "10", "--log-dir", "{d}/demo"],
+            EXIT_BAD_INPUT,
+            r"gradwatch demo: error: argument --steps: the demo needs at least 11 steps so that "
+            r"every planted bug has happened \(nan-from-log0: log\(0\) in the loss at step 10\), "
+            r"got '10'"),
     Command("demo-log-dir-file", ["demo", "--log-dir", "{d}/file"], EXIT_BAD_INPUT,
             r"gradwatch demo: --log-dir must be a directory \(or a path where one can be "
             r"created\), got '.*/file', which is an existing file"),
     Command("demo-log-dir-under-a-file", ["demo", "--log-dir", "{d}/file/runs"], EXIT_BAD_INPUT,
             r"gradwatch demo: --log-dir must be .*, which lies under the existing file '.*/file'"),
+    Command("demo-log-dir-nul", ["demo", "--log-dir", "{d}/runs\0"], EXIT_BAD_INPUT,
+            r"gradwatch demo: --log-dir must be a path without NUL bytes \('\\x00'\), got "
+            r"'.*/runs\\x00'"),
     Command("demo-log-dir-empty", ["demo", "--log-dir", ""], EXIT_BAD_INPUT,
             r"gradwatch demo: --log-dir must be a directory .*got '' \(an empty path\)"),
     Command("demo-log-dir-cannot-be-created", ["demo", "--log-dir", "{d}/" + TOO_LONG],
@@ -1115,8 +1163,11 @@ def test_command_line(
     captured = capsys.readouterr()
     _check_output(command, code, captured.out, captured.err)
     if command.code == EXIT_OK:
-        assert re.search(r"run \.: 0 finding\(s\)", captured.out)  # the bad lines are not counted
+        # A run is named after its folder; the bad lines are not counted.
+        run = pathlib.Path(command.argv[1]).name
+        assert f"run {run}: 0 finding(s)" in captured.out
     assert not (tmp_path / "file" / "runs").exists()
+    assert not (tmp_path / "demo").exists()
 
 
 @pytest.mark.parametrize(

@@ -218,3 +218,20 @@ def test_small_gradients_are_bucketed_exactly_together() -> None:
     hist = GradientHistograms(histogram_rows(grads, BINS))
     for j, grad in enumerate(grads):
         _check_row(hist, j, grad)
+
+
+def test_non_finite_small_cpu_gradients_raise_no_numpy_warning() -> None:
+    """Gradients whose span is inf - inf (every value +inf) are bucketed without a numpy
+    RuntimeWarning, which a user's ``-W error`` would turn into a crash."""
+    import warnings
+
+    grads = [
+        torch.tensor([float("inf"), float("inf")]),
+        torch.tensor([float("nan"), 2.0]),
+        torch.tensor([0.5, 1.5]),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hist = GradientHistograms(histogram_rows(grads, BINS))
+    assert hist.nan.tolist() == [0, 1, 0]
+    assert hist.inf.tolist() == [2, 0, 0]

@@ -8,7 +8,9 @@ how many backward passes went into it.
 from __future__ import annotations
 
 from types import MappingProxyType
+from typing import Any
 
+from gradwatch import _state
 from gradwatch.detectors.base import CheckContext, Detector, Phase, Setup, by_arrival
 from gradwatch.findings import Finding, Kind, _fmt_int, _names
 
@@ -73,3 +75,12 @@ class AccumulationDetector(Detector):
                 )
             )
         return findings
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This detector keeps no history: its state is an empty dict.
+
+        Raises:
+            GradWatchTypeError: ``state`` is not a dict.
+            GradWatchValueError: ``state`` holds a key.
+        """
+        _state.fields(state, ())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any
 
-from gradwatch import _checks
+from gradwatch import _checks, _state
 from gradwatch.detectors.base import CheckContext, Detector, Option, Phase, Setup
 from gradwatch.findings import Finding, Kind, _fmt_int, _names, _plural
 
@@ -122,7 +122,24 @@ class CoverageDetector(Detector):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._reported_no_grad = {int(i) for i in state["reported_no_grad"]}
-        self._reported_orphans = {int(i) for i in state["reported_orphans"]}
+        """Restore what :meth:`state_dict` saved; every field is checked before any changes.
+
+        Raises:
+            GradWatchTypeError: A field has the wrong type (the message names it).
+            GradWatchValueError: A reported position is not one of this model's parameters.
+        """
+        fields = _state.fields(state, ("reported_no_grad", "reported_orphans"))
+        no_grad, orphans = (
+            self._positions(name, fields[name]) for name in ("reported_no_grad", "reported_orphans")
+        )
+        self._reported_no_grad = no_grad
+        self._reported_orphans = orphans
         self._seen_received = -1
         self._seen_optimized = None
+
+    def _positions(self, name: str, value: object) -> set[int]:
+        last = self.setup.num_params - 1
+        return {
+            _state.integer(f"{name}[{i}]", position, 0, last)
+            for i, position in enumerate(_state.sequence(name, value))
+        }

@@ -14,16 +14,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradwatch import _checks
+from gradwatch import _checks, _state
 from gradwatch.detectors.base import CheckContext, Detector, Option, Phase, Setup
 from gradwatch.findings import Finding, GradWatchValueError, Kind, _fmt, _names
 
 
 def _exploding(f: Finding) -> str:
+    """Which rule fired, read from the fields (see :meth:`MagnitudeDetector._exploding`):
+    ``param`` ``None``: the model's total norm above ``max_grad_norm``; ``params`` no more than
+    ``param`` itself: that parameter's norm above ``explode_factor`` times its own median;
+    otherwise the model's total norm above ``explode_factor`` times its median."""
+    advice = "Lower the learning rate, add warm-up, or clip with torch.nn.utils.clip_grad_norm_."
+    if f.param is None:
+        largest = f"; largest: {_names(f)}" if f.params else ""
+        return (
+            f"the model's total gradient norm reached {_fmt(f.value)}, above the absolute "
+            f"ceiling max_grad_norm (limit {_fmt(f.threshold)}){largest}. {advice} If norms "
+            f"this large are expected, raise max_grad_norm."
+        )
+    if set(f.params) <= {f.param}:
+        return (
+            f"the gradient norm of {f.param!r} reached {_fmt(f.value)}, above explode_factor "
+            f"times the median of its own recent norms (limit {_fmt(f.threshold)}). Look at "
+            f"what feeds it (a custom backward, a loss term, a layer without normalisation). "
+            f"{advice}"
+        )
     return (
-        f"the gradient norm reached {_fmt(f.value)}, above the limit {_fmt(f.threshold)} set by "
-        f"its recent history or the absolute ceiling; grew most: {_names(f)}. Lower the learning "
-        f"rate, add warm-up, or clip with torch.nn.utils.clip_grad_norm_."
+        f"the model's total gradient norm reached {_fmt(f.value)}, above explode_factor times "
+        f"the median of its recent values (limit {_fmt(f.threshold)}); grew most: {_names(f)} "
+        f"(ratio to their own median). {advice}"
     )
 
 
@@ -160,6 +179,7 @@ class MagnitudeDetector(Detector):
         if len(totals) >= self.warmup_steps:
             typical_total = _median(totals)
             limit = self.explode_factor * typical_total
+        relative = limit
         if self.max_grad_norm is not None:
             limit = min(limit, self.max_grad_norm)
         reference = self._reference.numpy()[index].astype(np.float64)
@@ -170,20 +190,33 @@ class MagnitudeDetector(Detector):
             return None
         ratio = np.where(reference > 0, norms / reference, norms)
         ratio = np.where(finite, ratio, 0.0)
-        top = np.argsort(-ratio, kind="stable")[:5].tolist()
-        names = tuple(ctx.table.names[ctx.indices[j]] for j in top)
+        # The message tells the three rules apart by the fields (see _exploding above).
+        if total > limit and limit < relative:
+            # The absolute ceiling, on the model's total: no parameter singled out (param None);
+            # params are the largest gradients.
+            top = np.argsort(-np.where(finite, norms, 0.0), kind="stable")[:5].tolist()
+            names = tuple(ctx.table.names[ctx.indices[j]] for j in top)
+            return Finding(
+                Kind.EXPLODING, ctx.step, None, value=total, threshold=limit, params=names
+            )
         if total > limit:
+            # explode_factor x the median total: the parameters that grew most, the first as param.
+            top = np.argsort(-ratio, kind="stable")[:5].tolist()
+            names = tuple(ctx.table.names[ctx.indices[j]] for j in top)
             return Finding(
                 Kind.EXPLODING, ctx.step, names[0], value=total, threshold=limit, params=names
             )
-        first = top[0]
+        # One parameter above explode_factor x its own median: that one alone, as param and params.
+        crossed = np.flatnonzero(grown)
+        first = int(crossed[np.argmax(ratio[crossed])])
+        name = ctx.table.names[ctx.indices[first]]
         return Finding(
             Kind.EXPLODING,
             ctx.step,
-            names[0],
+            name,
             value=float(norms[first]),
             threshold=float(param_limit[first]),
-            params=names,
+            params=(name,),
         )
 
     def _vanishing(
@@ -290,19 +323,78 @@ class MagnitudeDetector(Detector):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["param_history"].shape != self._param_history.shape:
-            raise ValueError(
-                "state was saved with a different number of parameters or history length"
+        """Restore what :meth:`state_dict` saved; every field is checked before any changes.
+
+        The history is kept on the CPU, wherever the checkpoint was loaded to (the detector
+        works on it through numpy views), in this detector's dtypes.
+
+        Raises:
+            GradWatchTypeError: A field has the wrong type (the message names it).
+            GradWatchValueError: A field has a value that is not allowed: a tensor of another
+                shape (saved with another ``history`` or for another model), a negative count,
+                a norm that is negative or not finite, more totals than ``history``.
+        """
+        fields = _state.fields(state, _STATE_FIELDS)
+        num_params = self.setup.num_params
+        norm_dtype = self._param_history.dtype
+        param_history = _state.tensor(
+            "param_history",
+            fields["param_history"],
+            (self.history, num_params),
+            norm_dtype,
+            "history x parameters: saved with another history or for another model?",
+            _NORM,
+            _is_norm,
+        )
+        param_count, reference, zero_streak = (
+            _state.tensor(name, fields[name], (num_params,), dtype, "one per parameter", *rule)
+            for name, dtype, rule in (
+                ("param_count", torch.long, (_COUNT, _is_count)),
+                ("reference", norm_dtype, (_NORM, _is_norm)),
+                ("zero_streak", torch.long, (_COUNT, _is_count)),
             )
-        self._totals = {
-            int(group): deque(values, maxlen=self.history)
-            for group, values in state["totals"].items()
+        )
+        totals = {}
+        for group, values in _state.by_group("totals", fields["totals"]).items():
+            path = f"totals[{group}]"
+            kept = _state.sequence(path, values)
+            if len(kept) > self.history:
+                raise GradWatchValueError(
+                    f"{path} must hold at most history ({self.history}) totals, got {len(kept)}"
+                )
+            totals[group] = [_state.positive(f"{path}[{i}]", v) for i, v in enumerate(kept)]
+        depth_streak = {
+            group: _state.integer(f"depth_streak[{group}]", streak)
+            for group, streak in _state.by_group("depth_streak", fields["depth_streak"]).items()
         }
-        self._param_history = _host_copy(state["param_history"])
-        self._param_count = _host_copy(state["param_count"])
-        self._reference = _host_copy(state["reference"])
-        self._depth_streak = {int(g): int(s) for g, s in state["depth_streak"].items()}
-        self._zero_streak = _host_copy(state["zero_streak"])
+        self._totals = {
+            group: deque(values, maxlen=self.history) for group, values in totals.items()
+        }
+        self._param_history = param_history
+        self._param_count = param_count
+        self._reference = reference
+        self._depth_streak = depth_streak
+        self._zero_streak = zero_streak
+
+
+_STATE_FIELDS = (
+    "totals",
+    "param_history",
+    "param_count",
+    "reference",
+    "depth_streak",
+    "zero_streak",
+)
+_NORM = "NaN (none yet) or a finite norm >= 0"
+_COUNT = "a count in [0, 2**62]"
+
+
+def _is_norm(values: torch.Tensor) -> torch.Tensor:
+    return values.isnan() | (values.isfinite() & (values >= 0))
+
+
+def _is_count(values: torch.Tensor) -> torch.Tensor:
+    return (values >= 0) & (values <= _state.MAX_COUNT)
 
 
 def _median(values: deque[float] | tuple[()]) -> float:
@@ -317,9 +409,3 @@ def _lower_median(values: np.ndarray) -> float:
     """The lower of the two middle values when their number is even (as ``torch.median``)."""
     middle = (len(values) - 1) // 2
     return float(np.partition(values, middle)[middle])
-
-
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of saved history: the detector works on it through numpy views, wherever the
-    checkpoint was loaded to."""
-    return tensor.detach().to("cpu", copy=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
+from gradwatch import _state
 from gradwatch.detectors.base import CheckContext, Detector, Phase, by_arrival
 from gradwatch.findings import Finding, Kind, _names, _where
 
@@ -58,3 +60,12 @@ class NumericsDetector(Detector):
                     Finding(kind, ctx.step, names[0], value=float(len(names)), params=names)
                 )
         return findings
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This detector keeps no history: its state is an empty dict.
+
+        Raises:
+            GradWatchTypeError: ``state`` is not a dict.
+            GradWatchValueError: ``state`` holds a key.
+        """
+        _state.fields(state, ())

@@ -3,10 +3,14 @@ on a log scale, drawn in a millisecond or two.
 
 Parameters are grouped by module; a model with more than ``MAX_GROUPS`` modules is shown coarser
 (see :func:`group_parameters`), so the figure never has more than ``MAX_GROUPS`` bars nor grows
-wider than ``MAX_WIDTH`` pixels. Boxes are filled straight into a numpy array; Pillow renders the
-text (its default font), which is the slow part (FreeType renders every glyph anew, about 7 µs
-each), so each piece of text is rendered once and kept: the labels are the same at every figure of
-a run. Without Pillow 9.2 or later there is no figure.
+wider than ``MAX_WIDTH`` pixels. Modules whose parameters have no gradient to measure at the step
+but are known to be at fault (no gradient at all, or not in any optimizer) get a bar of their own
+across the plot, in the colour of the reason.
+
+Boxes are filled straight into a numpy array; Pillow renders the text (its default font), which
+is the slow part (FreeType renders every glyph anew, about 7 µs each), so each piece of text is
+rendered once and kept: the labels are the same at every figure of a run. Without Pillow 9.2 or
+later there is no figure.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -40,9 +44,20 @@ CAPTION = "module, in depth order (input first)"
 Y_LABEL = "|gradient|"
 NOTHING_TO_DRAW = "no finite, non-zero |grad| at this step"
 
+NO_GRAD = "no gradient"
+"""Why a parameter without a histogram row is drawn: it received no gradient (a ``no_grad``
+finding)."""
+
+NOT_OPTIMIZED = "not in an optimizer"
+"""Why a parameter without a histogram row is drawn: no optimizer updates it, so no check takes
+its gradient (a ``not_in_optimizer`` finding)."""
+
 MAX_COLOUR = (0x9E, 0xCA, 0xE1)  # light blue, as matplotlib's "Blues" palette
 MEAN_COLOUR = (0x08, 0x51, 0x9C)  # dark blue
 NONFINITE_COLOUR = (0xCB, 0x18, 0x1D)  # red
+NO_GRAD_COLOUR = (0x96, 0x9A, 0xA0)  # slate grey
+NOT_OPTIMIZED_COLOUR = (0xFD, 0xAE, 0x6B)  # orange, as matplotlib's "Oranges"
+ABSENT_COLOURS = {NO_GRAD: NO_GRAD_COLOUR, NOT_OPTIMIZED: NOT_OPTIMIZED_COLOUR}
 GRID_COLOUR = (0xE3, 0xE3, 0xE3)
 INK = (0, 0, 0)
 PAPER = (255, 255, 255)
@@ -59,6 +74,7 @@ _PLOT_HEIGHT = 260
 _MIN_PLOT_WIDTH = 240  # with the margins, under the 350 pixels of TensorBoard's image cards
 _MAX_Y_LABELS = 8  # decades labelled at most; a wider range labels every second, third...
 _DASH, _DASH_GAP = 6, 4
+_HATCH = 3  # pixels per stripe of a bar without a value
 
 Pixels = npt.NDArray[np.uint8]
 
@@ -155,13 +171,21 @@ class GroupStatistics(NamedTuple):
     nonfinite: npt.NDArray[np.bool_]
 
 
-def group_statistics(groups: Sequence[Group], histograms: GradientHistograms) -> GroupStatistics:
+def group_statistics(
+    groups: Sequence[Group], histograms: GradientHistograms, rows: Sequence[int] | None = None
+) -> GroupStatistics:
     """Mean |grad| = sum of |values| / count of finite values over the members; max |grad| = the
-    members' largest; NaN/Inf flagged if any member has one."""
+    members' largest; NaN/Inf flagged if any member has one.
+
+    Members are histogram rows, or with ``rows`` positions whose row is ``rows[member]`` (``-1``
+    for none: such a member adds nothing, and a group of them only is NaN)."""
     count = len(groups)
     index = np.zeros(len(histograms), dtype=np.intp)
     for g, group in enumerate(groups):
-        index[list(group.members)] = g
+        members = list(group.members)
+        if rows is not None:
+            members = [rows[k] for k in members if rows[k] >= 0]
+        index[members] = g
     finite = histograms.finite.double().numpy()
     sums = np.bincount(index, weights=histograms.sum_abs.double().numpy(), minlength=count)
     counts = np.bincount(index, weights=finite, minlength=count)
@@ -175,15 +199,62 @@ def group_statistics(groups: Sequence[Group], histograms: GradientHistograms) ->
     return GroupStatistics(mean, largest, bad)
 
 
-def gradient_flow_image(names: Sequence[str], histograms: GradientHistograms) -> Pixels | None:
-    """The figure as an ``(H, W, 3)`` uint8 array, or ``None`` without Pillow (9.2 or later)."""
+def gradient_flow_image(
+    names: Sequence[str],
+    histograms: GradientHistograms,
+    absent: Mapping[str, str] | None = None,
+    order: Sequence[str] | None = None,
+) -> Pixels | None:
+    """The figure as an ``(H, W, 3)`` uint8 array, or ``None`` without Pillow (9.2 or later).
+
+    Args:
+        names: The parameter of each histogram row, in depth order.
+        histograms: The rows.
+        absent: Parameters without a row to draw all the same, each with why (:data:`NO_GRAD`
+            or :data:`NOT_OPTIMIZED`); a name that has a row is drawn from it. A group none of
+            whose parameters has a row gets a bar across the plot in the colour of its reason
+            (``NOT_OPTIMIZED`` when any member has it).
+        order: Every parameter of the model in depth order, to place the ``absent`` ones among
+            the others; without it (or for a name it lacks) they come last, in the order given.
+    """
     if not pillow_available():
         return None
-    groups, modules = _grouped(tuple(names))
+    shown, rows, reasons = _layout(tuple(names), absent or {}, order)
+    groups, modules = _grouped(shown)
     title = TITLE
     if len(groups) < modules:
         title += f" ({modules} modules in {len(groups)} groups)"
-    return draw([g.label for g in groups], group_statistics(groups, histograms), title)
+    statistics = group_statistics(groups, histograms, rows)
+    why: list[str | None] = [None] * len(groups)
+    if reasons:
+        for g, group in enumerate(groups):
+            if all(rows is not None and rows[k] < 0 for k in group.members):
+                member_reasons = {reasons[shown[k]] for k in group.members}
+                why[g] = NOT_OPTIMIZED if NOT_OPTIMIZED in member_reasons else NO_GRAD
+    return draw([g.label for g in groups], statistics, title, why)
+
+
+def _layout(
+    names: tuple[str, ...], absent: Mapping[str, str], order: Sequence[str] | None
+) -> tuple[tuple[str, ...], tuple[int, ...] | None, dict[str, str]]:
+    """The parameters to show in depth order, each one's histogram row (``-1`` for none; ``None``
+    when every one is a row, in order), and why each one without a row is shown."""
+    with_rows = set(names)
+    reasons = {name: why for name, why in absent.items() if name not in with_rows}
+    if not reasons:
+        return names, None, {}
+    shown = names + tuple(reasons)
+    if order is not None:
+        position = _positions(tuple(order))
+        last = len(position)
+        shown = tuple(sorted(shown, key=lambda name: position.get(name, last)))  # stable
+    row_of = {name: j for j, name in enumerate(names)}
+    return shown, tuple(row_of.get(name, -1) for name in shown), reasons
+
+
+@functools.lru_cache(maxsize=4)
+def _positions(order: tuple[str, ...]) -> dict[str, int]:
+    return {name: i for i, name in enumerate(order)}
 
 
 @functools.lru_cache(maxsize=8)
@@ -271,6 +342,13 @@ class _Canvas:
         region = self.pixels[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1]
         region[...] = _row(colour)[: region.shape[1]]
 
+    def hatch(self, x0: int, y0: int, x1: int, y1: int, colour: tuple[int, int, int]) -> None:
+        """Diagonal stripes of ``colour`` over columns ``x0`` to ``x1`` and rows ``y0`` to
+        ``y1``: a bar that stands for a module, not for a value."""
+        region = self.pixels[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1]
+        rows, columns = np.indices(region.shape[:2])
+        region[(rows + columns) // _HATCH % 2 == 0] = colour
+
     def text(self, mask: Pixels, x: int, y: int) -> None:
         """Darkens the canvas by ``mask`` (see :func:`_text`) with its top left corner at x, y."""
         height, width = self.pixels.shape[:2]
@@ -281,8 +359,17 @@ class _Canvas:
             np.minimum(region, mask[y0 - y : y1 - y, x0 - x : x1 - x], out=region)
 
 
-def draw(labels: Sequence[str], statistics: GroupStatistics, title: str = TITLE) -> Pixels:
-    """Draws the bars of ``statistics``, one per label: an ``(H, W, 3)`` uint8 array."""
+def draw(
+    labels: Sequence[str],
+    statistics: GroupStatistics,
+    title: str = TITLE,
+    absent: Sequence[str | None] = (),
+) -> Pixels:
+    """Draws the bars of ``statistics``, one per label: an ``(H, W, 3)`` uint8 array.
+
+    ``absent[i]``, where given and not ``None``, is why group ``i`` has nothing to measure
+    (:data:`NO_GRAD` or :data:`NOT_OPTIMIZED`): its slot gets a bar across the plot in that
+    reason's colour, and the legend names the reason."""
     n = len(labels)
     means, maxima, bad = statistics
     line = _line_height(_TEXT_SIZE)
@@ -301,6 +388,9 @@ def draw(labels: Sequence[str], statistics: GroupStatistics, title: str = TITLE)
     legend = [(MAX_COLOUR, "max |grad|"), (MEAN_COLOUR, "mean |grad|")]
     if bad.any():
         legend.append((NONFINITE_COLOUR, "NaN/Inf present"))
+    for reason, colour in ABSENT_COLOURS.items():
+        if reason in absent:
+            legend.append((colour, reason))
     legend_texts = [_text(text) for _, text in legend]
     legend_width = sum(line + _GAP + t.shape[1] for t in legend_texts)
     legend_width += _LEGEND_GAP * (len(legend) - 1)
@@ -346,6 +436,11 @@ def draw(labels: Sequence[str], statistics: GroupStatistics, title: str = TITLE)
         canvas.text(text, left - _TICK - _GAP - text.shape[1], y - line // 2)
     centres = [round(left + (i + 0.5) * slot) for i in range(n)]
     bar = min(0.8 * slot, _BAR)
+    for i, why in enumerate(absent):
+        if why is not None:  # nothing to measure: a hatched bar across the plot says why
+            x0 = round(centres[i] - bar / 2)
+            x1 = max(round(centres[i] + bar / 2) - 1, x0)
+            canvas.hatch(x0, top + 1, x1, bottom - 1, ABSENT_COLOURS[why])
     for i, centre in enumerate(centres):
         for value, half, colour in (
             (maxima[i], bar / 2, MAX_COLOUR),
@@ -387,6 +482,8 @@ def draw(labels: Sequence[str], statistics: GroupStatistics, title: str = TITLE)
             centre = x + line // 2
             for dash in range(0, line, _DASH + _DASH_GAP):
                 canvas.box(centre - 1, y + dash, centre, y + min(dash + _DASH, line) - 1, colour)
+        elif colour in ABSENT_COLOURS.values():
+            canvas.hatch(x, y + 1, x + line - 2, y + line - 1, colour)
         else:
             canvas.box(x, y + 1, x + line - 2, y + line - 1, colour)
         canvas.text(text, x + line + _GAP, y)

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -54,7 +53,8 @@ class Sink:
         Args:
             step: The optimizer step checked (0 for the first).
             names: The parameters whose gradients were checked (those that had one).
-            norms: A float32 CPU tensor: ``norms[j]`` is the L2 norm of ``names[j]``'s gradient
+            norms: A CPU tensor (float32; float64 when every checked gradient is float64):
+                ``norms[j]`` is the L2 norm of ``names[j]``'s gradient
                 (NaN or Inf where the gradient holds such values).
             total_norm: The L2 norm over the finite entries of ``norms`` (NaN when none is).
         """
@@ -128,6 +128,7 @@ def as_sink(value: object, *, argument: str = "sinks") -> Sink:
     Raises:
         GradWatchTypeError: ``value`` is neither.
     """
+    from gradwatch import _checks
     from gradwatch.findings import GradWatchTypeError
 
     if isinstance(value, Sink):
@@ -136,7 +137,7 @@ def as_sink(value: object, *, argument: str = "sinks") -> Sink:
     if missing or isinstance(value, type):
         raise GradWatchTypeError(
             f"{argument} must hold objects with the methods {', '.join(_DUCK_METHODS)}; got "
-            f"{type(value).__name__} {value!r:.80}"
+            f"{_checks.received(value)}"
             + (f", which lacks {', '.join(missing)}" if missing else ", a class")
             + " (subclass gradwatch.sinks.Sink, whose methods all do nothing, and pass instances)"
         )
@@ -216,12 +217,13 @@ class FanOut(Sink):
             self._sinks.remove(sink)
             if method != "close":
                 self._failed.append(sink)
+            from gradwatch._reporting import warn_user  # imports this module
+
             name = type(sink.target if isinstance(sink, _Adapted) else sink).__name__
-            warnings.warn(
+            warn_user(
                 f"gradwatch: {name}.{method} failed ({error!r}); that output is switched off "
                 f"for the rest of the run, detection goes on",
                 RuntimeWarning,
-                stacklevel=2,
             )
 
 

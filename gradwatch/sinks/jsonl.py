@@ -66,11 +66,48 @@ class FindingsLog(Sink):
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives until close()
 
     def write_finding(self, finding: Finding, *, rank: int | None = None) -> None:
+        """Append ``finding`` and flush.
+
+        A log whose file was deleted during the run (its directory removed) is recreated, with
+        one ``RuntimeWarning`` (the findings written before are gone with the old file); when it
+        cannot be recreated, findings are dropped, with one ``RuntimeWarning`` too.
+        """
         record = finding_record(finding, rank=self._rank if rank is None else rank)
         line = json.dumps(record, allow_nan=False)
         with self._lock:
             if self._file.closed:
                 return
+            try:
+                # Findings are rare: two stats per finding tell whether the file is still there.
+                gone = os.fstat(self._file.fileno()).st_nlink == 0 or not os.path.exists(self.path)
+            except OSError:
+                gone = True
+            if gone:
+                from gradwatch._reporting import warn_user  # not at import: a cycle via sinks
+
+                warned = getattr(self, "_warned_gone", False)
+                self._warned_gone = True
+                try:
+                    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                    reopened = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - until close()
+                except OSError as error:
+                    if not warned:
+                        warn_user(
+                            f"gradwatch: the findings log {self.path!r} was deleted during the run "
+                            f"and could not be recreated ({error.strerror or error}); findings are "
+                            f"no longer written to it (they are still reported and kept in "
+                            f"Watcher.findings)",
+                            RuntimeWarning,
+                        )
+                    return
+                self._file.close()
+                self._file = reopened
+                if not warned:
+                    warn_user(
+                        f"gradwatch: the findings log {self.path!r} was deleted during the run; "
+                        f"gradwatch recreated it, without the findings written before",
+                        RuntimeWarning,
+                    )
             self._file.write(line + "\n")
             self._file.flush()
 

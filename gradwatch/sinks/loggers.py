@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from gradwatch import _checks
 from gradwatch._histograms import GradientHistograms
 from gradwatch.findings import Finding, GradWatchTypeError, GradWatchValueError
 from gradwatch.sinks.base import Sink
@@ -84,7 +85,7 @@ class LoggerSink(Sink):
         if isinstance(logger, type) or not callable(getattr(logger, "log_metrics", None)):
             raise GradWatchTypeError(
                 f"LoggerSink: logger must be a Lightning logger (an object with a "
-                f"log_metrics(metrics, step) method); got {type(logger).__name__} {logger!r:.80}"
+                f"log_metrics(metrics, step) method); got {_checks.received(logger)}"
             )
         if isinstance(param_every, bool) or not isinstance(param_every, int):
             raise GradWatchTypeError(

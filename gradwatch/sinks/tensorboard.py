@@ -11,13 +11,14 @@ import os
 import re
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from gradwatch._histograms import GradientHistograms
-from gradwatch.findings import Finding, GradWatchTypeError
+from gradwatch.findings import Finding, GradWatchTypeError, Kind
 from gradwatch.sinks import _gradient_flow
 from gradwatch.sinks.base import Sink
 
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
 
 FLUSH_SECS = 10
 """Seconds between flushes of a writer gradwatch owns: a crash loses at most this much."""
+
+_AT_FAULT = {
+    Kind.NO_GRAD: _gradient_flow.NO_GRAD,
+    Kind.NOT_IN_OPTIMIZER: _gradient_flow.NOT_OPTIMIZED,
+}
+"""The findings whose parameters no check measures, and how the figure marks them."""
 
 _open_sinks: weakref.WeakSet[TensorBoardSink] = weakref.WeakSet()
 
@@ -43,12 +50,20 @@ class TensorBoardSink(Sink):
     Tags (see the README's TensorBoard section): ``gradwatch/grad_norm/total`` every check;
     ``gradwatch/grad_norm/<param>`` every ``param_every`` steps; histograms
     ``gradwatch/grad/<param>`` with scalars ``gradwatch/grad_nan/<param>`` and
-    ``gradwatch/grad_inf/<param>`` and the image ``gradwatch/grad_flow`` (at most one every
-    ``figure_every`` steps, when Pillow is installed) whenever the monitor sends histograms;
-    ``gradwatch/sgd_update_ratio/<param>`` whenever it sends ratios; ``gradwatch/findings/<kind>``
-    (count so far) and a text entry ``gradwatch/findings`` for every finding, at the step it was
-    found (naming the rank when it is not zero); a custom-scalars layout grouping the
-    per-parameter scalars by module.
+    ``gradwatch/grad_inf/<param>`` (exact counts) and the image ``gradwatch/grad_flow`` (at most
+    one every ``figure_every`` steps, when Pillow is installed) whenever the monitor sends
+    histograms; ``gradwatch/grad_has_nan/<param>`` and ``gradwatch/grad_has_inf/<param>`` (1 or
+    0, from the norms: see :meth:`write_check`) at every check where that parameter's norm is not
+    finite, and at the next check of it once it is again; ``gradwatch/sgd_update_ratio/<param>``
+    whenever it sends ratios; ``gradwatch/findings/<kind>`` (count so far) and a text entry
+    ``gradwatch/findings`` for every finding, at the step it was found (naming the rank when it
+    is not zero); a custom-scalars layout grouping the per-parameter scalars by module.
+
+    The gradient-flow figure also draws the modules of the parameters that ``no_grad`` and
+    ``not_in_optimizer`` findings named, which no check measures: a hatched grey bar ("no
+    gradient") or a hatched orange one ("not in an optimizer") across the plot. ``param_names``,
+    the watched parameters in the model's order, places them among the others; without it they
+    come after the measured modules.
 
     When ``writer`` is given, ``log_dir`` is ignored; that writer is flushed but never closed,
     and its custom-scalars layout is left alone (see :func:`custom_scalars_layout`). A writer
@@ -64,6 +79,7 @@ class TensorBoardSink(Sink):
         writer: SummaryWriter | None = None,
         param_every: int = 10,
         figure_every: int = 100,
+        param_names: Sequence[str] | None = None,
     ) -> None:
         if writer is None:
             if log_dir is None:
@@ -82,6 +98,11 @@ class TensorBoardSink(Sink):
         self._figure_broken = False
         self._counts: dict[str, int] = {}
         self._layout_names: dict[str, None] = {}
+        self._order = None if param_names is None else tuple(param_names)
+        self._at_fault: dict[str, str] = {}
+        """Parameters that findings showed no check measures, with how the figure marks them."""
+        self._flagged: set[str] = set()
+        """Parameters whose last presence flags said NaN or Inf."""
         self._closed = False
         _open_sinks.add(self)
 
@@ -100,7 +121,32 @@ class TensorBoardSink(Sink):
         if self._param_every and step % self._param_every == 0:
             for name, norm in zip(names, norms.tolist(), strict=True):
                 values.append(_scalar(f"gradwatch/grad_norm/{name}", norm))
+        host = norms.numpy()  # a CPU tensor: no device is read
+        if self._flagged or not np.isfinite(host).all():
+            values.extend(self._presence(names, host))
         self._emit(step, values)
+
+    def _presence(self, names: Sequence[str], norms: np.ndarray) -> list[Any]:
+        """``gradwatch/grad_has_nan/<param>`` and ``gradwatch/grad_has_inf/<param>`` of each
+        parameter whose norm is not finite (1 for the one that says so, 0 for the other), and
+        both 0 for a parameter flagged at an earlier check whose norm is finite again.
+
+        A NaN norm means the gradient holds NaN; an infinite one that it holds ±Inf or finite
+        values whose squares overflow float32 (the norms cannot tell these apart; the exact
+        counts come with the histograms)."""
+        values = []
+        flagged = self._flagged
+        nans, infs = np.isnan(norms).tolist(), np.isinf(norms).tolist()
+        for name, nan, inf in zip(names, nans, infs, strict=True):
+            if nan or inf:
+                flagged.add(name)
+            elif name in flagged:
+                flagged.discard(name)
+            else:
+                continue
+            values.append(_scalar(f"gradwatch/grad_has_nan/{name}", float(nan)))
+            values.append(_scalar(f"gradwatch/grad_has_inf/{name}", float(inf)))
+        return values
 
     def _emit(self, step: int, values: list[Any]) -> None:
         """Writes ``values`` (``Summary.Value``) as one event: each event wakes the writer's
@@ -153,7 +199,7 @@ class TensorBoardSink(Sink):
     ) -> None:
         """Draws the gradient-flow figure (a few milliseconds) at the histogram step itself."""
         try:
-            image = gradient_flow_image(names, histograms)
+            image = gradient_flow_image(names, histograms, self._at_fault, self._order)
             value = None if image is None else _image("gradwatch/grad_flow", image)
         except Exception as error:  # a broken figure must never stop training
             self._figure_broken = True
@@ -182,6 +228,10 @@ class TensorBoardSink(Sink):
     def write_finding(self, finding: Finding, *, rank: int | None = None) -> None:
         if self._closed:
             return
+        reason = _AT_FAULT.get(finding.kind)
+        if reason is not None:
+            for name in finding.params or (() if finding.param is None else (finding.param,)):
+                self._at_fault[name] = reason
         kind = finding.kind.value
         self._counts[kind] = self._counts.get(kind, 0) + 1
         self._writer.add_scalar(f"gradwatch/findings/{kind}", self._counts[kind], finding.step)
@@ -274,14 +324,27 @@ def custom_scalars_layout(names: Sequence[str]) -> dict[str, dict[str, list[Any]
             "total gradient norm": ["Multiline", ["^gradwatch/grad_norm/total$"]],
             "findings so far, by kind": ["Multiline", ["^gradwatch/findings/"]],
             "non-finite gradient values": ["Multiline", ["^gradwatch/grad_(nan|inf)/"]],
+            "non-finite gradient values present (1) or not (0), every check": [
+                "Multiline",
+                ["^gradwatch/grad_has_(nan|inf)/"],
+            ],
         },
         "gradwatch: gradient norm by module": charts("gradwatch/grad_norm"),
         "gradwatch: SGD update ratio by module": charts("gradwatch/sgd_update_ratio"),
     }
 
 
-def gradient_flow_image(names: Sequence[str], histograms: GradientHistograms) -> Any:
+def gradient_flow_image(
+    names: Sequence[str],
+    histograms: GradientHistograms,
+    absent: Mapping[str, str] | None = None,
+    order: Sequence[str] | None = None,
+) -> Any:
     """Mean and largest finite |grad| of each module, in the parameters' order, on a log scale
     (at most 64 bars: see ``_gradient_flow.group_parameters``): an ``(H, W, 3)`` uint8 array, or
-    ``None`` without Pillow."""
-    return _gradient_flow.gradient_flow_image(names, histograms)
+    ``None`` without Pillow.
+
+    ``absent`` maps parameters without a histogram row to draw anyway to why
+    (``_gradient_flow.NO_GRAD`` or ``NOT_OPTIMIZED``), placed by ``order`` (see
+    ``_gradient_flow.gradient_flow_image``)."""
+    return _gradient_flow.gradient_flow_image(names, histograms, absent, order)
