@@ -475,7 +475,8 @@ class FrameworkWatch:
 
     @property
     def step(self) -> int:
-        """Optimizer steps taken so far (steps a ``GradScaler`` skipped are not counted)."""
+        """Optimizer steps of the watched parameters so far, whichever optimizer took them (steps
+        a ``GradScaler`` skipped are not counted)."""
         monitor = self.monitor
         return monitor.step if monitor is not None else self._steps
 
@@ -799,7 +800,8 @@ class CallbackSurface:
 
     @property
     def step(self) -> int:
-        """Optimizer steps taken so far (steps a ``GradScaler`` skipped are not counted)."""
+        """Optimizer steps of the watched parameters so far, whichever optimizer took them (steps
+        a ``GradScaler`` skipped are not counted)."""
         return self._core.step
 
     @property

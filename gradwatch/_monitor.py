@@ -163,7 +163,8 @@ class Monitor:
 
     @property
     def step(self) -> int:
-        """Optimizer steps taken so far (the most any watched optimizer has taken)."""
+        """Optimizer steps of the watched parameters so far, whichever optimizer took them (the
+        most steps any watched parameter has taken)."""
         return self._steppers.step
 
     @property

@@ -221,7 +221,8 @@ class Watcher:
 
     @property
     def step(self) -> int:
-        """Optimizer steps taken so far (the most any watched optimizer has taken)."""
+        """Optimizer steps of the watched parameters so far, whichever optimizer took them (the
+        most steps any watched parameter has taken)."""
         return self._monitor.step
 
     @property
