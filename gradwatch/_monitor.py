@@ -406,11 +406,31 @@ class Monitor:
         params = self._table.params
         positions: list[int] = []
         grads: list[torch.Tensor] = []
+        missing: list[int] = []
         for i in stepper.positions:
             grad = params[i].grad
             if grad is not None:
                 positions.append(i)
                 grads.append(grad)
+            else:
+                missing.append(i)
+        # For the cleared_before_step detector, from host bookkeeping only (_version counters, no
+        # tensor values), taken now: on CUDA its statistics phase may run a few steps later. In a
+        # healthy step the first gradient that is there as it was accumulated ends the search.
+        last_pass, changed = self._tracker.last_pass, self._tracker.changed_since_accumulated
+        start = stepper.window_start_pass
+        reached: frozenset[int] = frozenset()
+        rewritten: frozenset[int] = frozenset()
+        if not any(
+            last_pass[i] >= start and not changed(i, grad)
+            for i, grad in zip(positions, grads, strict=True)
+        ):
+            reached = frozenset(i for i in stepper.positions if last_pass[i] >= start)
+            rewritten = frozenset(
+                i
+                for i, grad in zip(positions, grads, strict=True)
+                if i in reached and changed(i, grad)
+            )
         stepper.label = label
         stepper.state = StepState.CHECKED
         self._steppers.count_reaching_passes(stepper, positions)
@@ -422,6 +442,9 @@ class Monitor:
             tracker=self._tracker,
             window_start_pass=stepper.window_start_pass,
             coverage=self._steppers.coverage(),
+            missing=tuple(missing),
+            reached=reached,
+            rewritten=rewritten,
         )
         findings = self._run(context, Phase.AT_CHECK)
         norms = self._plan(stepper, positions, grads).norms(grads)

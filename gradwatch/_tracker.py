@@ -142,6 +142,19 @@ class GradientTracker:
                 self._arrival[index] = self._sequence
                 self._last_pass[index] = self._backward_passes - 1
 
+    def changed_since_accumulated(self, index: int, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` is the tensor the latest backward pass accumulated into for
+        ``index``, changed in place since (``zero_()``, clipping's ``mul_()``, unscaling).
+
+        ``False`` when an optimizer step has recorded the parameter's ``.grad`` since that
+        accumulation. Reads ``_version`` counters only, no tensor values: nothing syncs.
+        """
+        self.replay()
+        last = self._last[index]
+        if last is None or last[2]:
+            return False
+        return last[0]() is grad and grad._version != last[1]
+
     def on_stepped(self, indices: list[int], grads: list[torch.Tensor | None]) -> None:
         self.replay()
         with self._lock:

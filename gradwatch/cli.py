@@ -331,32 +331,46 @@ def _records(path: Path, file: IO[bytes], warn: TextIO | None) -> Iterator[dict[
                 continue
             try:
                 record = _check_record(json.loads(text))
+            except _NewerSchema as newer:
+                raise _BadInput(
+                    f"{path}:{number}: written with findings-log schema {newer.schema}, newer "
+                    f"than the schema {SCHEMA_VERSION} this gradwatch ({__version__}) reads; "
+                    f"upgrade gradwatch"
+                ) from None
             except (ValueError, KeyError, TypeError, RecursionError) as error:
                 # RecursionError: json and repr() recurse once per level of [[[...]]] or {"a":...}.
                 reason = "nested too deeply" if isinstance(error, RecursionError) else error
                 skipped = f"skipped {path}:{number}: unreadable finding ({reason})"
                 _say(f"gradwatch report: {skipped}", warn)
                 continue
-            if record["schema"] > SCHEMA_VERSION:
-                raise _BadInput(
-                    f"{path}:{number}: written with findings-log schema {record['schema']}, newer "
-                    f"than the schema {SCHEMA_VERSION} this gradwatch ({__version__}) reads; "
-                    f"upgrade gradwatch"
-                )
             yield record
     except OSError as error:
         raise _BadInput(f"{path}: could not be read: {error.strerror or error}") from None
 
 
+class _NewerSchema(Exception):
+    def __init__(self, schema: int) -> None:
+        super().__init__(schema)
+        self.schema = schema
+
+
 def _check_record(record: object) -> dict[str, Any]:
-    """``record`` if it has the fields the report reads, with the types schema 1 gives them: a
-    serialised :class:`~gradwatch.Finding` (``Finding.from_dict`` checks it), its schema and its
-    message."""
+    """``record`` if it has the fields the report reads, with the types schemas 1 and 2 give
+    them: a serialised :class:`~gradwatch.Finding` (``Finding.from_dict`` checks it), its schema
+    and its message. Schema 2 only adds kinds (``cleared_before_step``).
+
+    Raises:
+        _NewerSchema: The record's schema is newer than :data:`SCHEMA_VERSION`; checked before
+            the finding, so that a kind this gradwatch does not know stops the report instead
+            of being skipped as unreadable.
+    """
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     schema = record.get("schema")
     if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
         raise ValueError(f"schema must be an integer >= 1, got {schema!r:.40}")
+    if schema > SCHEMA_VERSION:
+        raise _NewerSchema(schema)
     message = record.get("message", "")
     if not isinstance(message, str):
         raise ValueError(f"message must be a string, got {type(message).__name__}")

@@ -24,6 +24,7 @@ class Kind(str, Enum):
     VANISHING = "vanishing"
     NO_GRAD = "no_grad"
     NOT_IN_OPTIMIZER = "not_in_optimizer"
+    CLEARED_BEFORE_STEP = "cleared_before_step"
     SKIPPED_STEP = "skipped_step"
 
     def __str__(self) -> str:

@@ -61,7 +61,7 @@ def test_findings_log_schema(tmp_path: Path) -> None:
     path = write_log(tmp_path, [EXPLODING])
     (line,) = path.read_text().splitlines()
     record = json.loads(line)
-    assert record["schema"] == 1
+    assert record["schema"] == 2
     assert record["kind"] == "exploding"
     assert record["step"] == 4
     assert record["param"] == "fc.weight"
@@ -89,6 +89,28 @@ def test_corrupt_and_truncated_lines_are_skipped_with_a_warning(
     assert json.loads(captured.out)["runs"][0]["counts"] == {"missing_zero_grad": 1}
     for number in (2, 3, 4):
         assert f"{path}:{number}" in captured.err
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_report_reads_schema_1_and_2_logs(tmp_path: Path, schema: int) -> None:
+    cleared = Finding(Kind.CLEARED_BEFORE_STEP, 1, "fc.bias", value=2.0, params=("fc.bias",))
+    records = [raw_record(schema=schema)]
+    if schema == 2:  # the kind schema 2 adds
+        records.append(raw_record(schema=2, **cleared.to_dict(), message=cleared.message))
+    (tmp_path / FINDINGS_LOG_NAME).write_text("\n".join(records) + "\n")
+    assert main(["report", str(tmp_path), "--json", "--fail-on", "any"]) == EXIT_FINDINGS
+
+
+def test_newer_schema_with_an_unknown_kind_stops_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A kind from a newer gradwatch is not skipped as unreadable (``--fail-on any`` would pass
+    on it): the schema is read first, and the report refuses the log."""
+    (tmp_path / FINDINGS_LOG_NAME).write_text(
+        raw_record() + "\n" + raw_record(schema=3, kind="from_the_future") + "\n"
+    )
+    assert main(["report", str(tmp_path), "--fail-on", "any"]) == EXIT_BAD_INPUT
+    assert "schema 3, newer than the schema 2" in capsys.readouterr().err
 
 
 def test_version_and_help() -> None:
@@ -369,9 +391,9 @@ def test_unknown_fail_on_kind_lists_any(tmp_path: Path, capsys: pytest.CaptureFi
     assert exit_info.value.code == EXIT_BAD_INPUT
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.endswith(
-        "unknown kind(s) everything; known kinds: exploding, inf, missing_zero_grad, nan, "
-        "no_grad, not_in_optimizer, skipped_step, unexpected_accumulation, vanishing; "
-        "or any (every kind)"
+        "unknown kind(s) everything; known kinds: cleared_before_step, exploding, inf, "
+        "missing_zero_grad, nan, no_grad, not_in_optimizer, skipped_step, "
+        "unexpected_accumulation, vanishing; or any (every kind)"
     )
 
 

@@ -84,7 +84,8 @@ def test_forgotten_zero_grad_with_declared_accumulation() -> None:
 def test_zero_grad_called_after_backward_is_missing_zero_grad_free_but_useless() -> None:
     """zero_grad between backward and step discards the gradient: nothing reaches the optimizer.
 
-    The optimizer sees no gradients at all, so no gradient is carried over either.
+    The optimizer sees no gradients at all, so no gradient is carried over either (that bug is
+    ``cleared_before_step``, below).
     """
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -98,6 +99,84 @@ def test_zero_grad_called_after_backward_is_missing_zero_grad_free_but_useless()
 
     watcher = train(model, opt, steps=10, step_fn=step)
     assert Kind.MISSING_ZERO_GRAD not in {f.kind for f in watcher.findings}
+
+
+# ---------------------------------------------------------------- cleared_before_step
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "set_to_none"), [("sgd", True), ("adam", False), ("adam", True)]
+)
+def test_zero_grad_between_backward_and_step(optimizer: str, set_to_none: bool) -> None:
+    model = mlp()
+    opt: torch.optim.Optimizer
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.zero_grad(set_to_none=set_to_none)
+        opt.step()
+
+    watcher = train(model, opt, steps=8, step_fn=step)
+    # The bug bites: the optimizer never moved a weight.
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    found = _only(watcher, Kind.CLEARED_BEFORE_STEP)
+    assert len(found) == 1
+    assert found[0].step == 1  # at the second step in a row
+    assert found[0].value == 2.0
+    assert set(found[0].params) == set(_mlp_names(model))
+    assert found[0].param == found[0].params[0] == "4.bias"  # nearest the loss first
+    assert watcher.occurrences[(Kind.CLEARED_BEFORE_STEP, "4.bias")] == 7
+    assert "move optimizer.zero_grad() before loss.backward()" in found[0].message.lower()
+    # set_to_none=False: the zeroed tensor the step used is accumulated into next, unreset.
+    expected = {Kind.CLEARED_BEFORE_STEP} | (set() if set_to_none else {Kind.MISSING_ZERO_GRAD})
+    assert {f.kind for f in watcher.findings} == expected
+
+
+def test_zero_grad_between_backward_and_step_with_alternating_heads() -> None:
+    """Only the parameters this step's backward reached are judged: the idle head's missing
+    .grad neither hides the bug nor is named."""
+    model = TwoHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        nn.functional.mse_loss(model(x, "a" if i % 2 == 0 else "b"), y).backward()
+        model.zero_grad()
+        opt.step()
+
+    watcher = train(model, opt, steps=6, step_fn=step)
+    found = _only(watcher, Kind.CLEARED_BEFORE_STEP)
+    assert [(f.step, f.param) for f in found] == [(1, "head_b.bias"), (2, "head_a.bias")]
+    assert not any(name.startswith("head_a") for name in found[0].params)
+    assert not any(name.startswith("head_b") for name in found[1].params)
+
+
+def test_cleared_once_is_not_yet_reported() -> None:
+    """One step whose gradients were cleared: silent; the second in a row is reported."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if i in (3, 6, 7):
+            opt.zero_grad()
+        opt.step()
+
+    watcher = train(model, opt, steps=10, step_fn=step)
+    found = _only(watcher, Kind.CLEARED_BEFORE_STEP)
+    assert [f.step for f in found] == [7]
+    assert watcher.occurrences[(Kind.CLEARED_BEFORE_STEP, found[0].param)] == 1
 
 
 def test_forgotten_zero_grad_on_one_of_two_optimizers() -> None:

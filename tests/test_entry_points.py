@@ -83,7 +83,7 @@ class Bad:
 
 _ALL_KINDS = (
     "missing_zero_grad, unexpected_accumulation, nan, inf, exploding, vanishing, no_grad, "
-    "not_in_optimizer, skipped_step"
+    "not_in_optimizer, cleared_before_step, skipped_step"
 )
 _ON_FINDING = r"on_finding must be one of 'warn', 'raise', 'record' or a callable taking a Finding"
 _DIRECTORY = r"log_dir must be a directory \(or a path where one can be created\), got "
@@ -1043,7 +1043,7 @@ def _prepare(root: pathlib.Path) -> None:
         "corrupt": "not json {\n",
         "wrong-types": _record(params=5) + "\n" + _record(step=1.5) + "\n",
         "no-schema": json.dumps({"kind": "nan", "step": 3}) + "\n",
-        "future": _record() + "\n" + _record(schema=2, kind="exploding") + "\n",
+        "future": _record() + "\n" + _record(schema=3, kind="exploding") + "\n",
         "good": _record() + "\n",
         "nested-list": "[" * 100_000 + "]" * 100_000 + "\n",
         "nested-object": '{"a": ' * 100_000 + "1" + "}" * 100_000 + "\n",
@@ -1055,7 +1055,10 @@ def _prepare(root: pathlib.Path) -> None:
     (root / "log-is-a-directory" / FINDINGS_LOG_NAME).mkdir(parents=True)
 
 
-_USAGE = r"unknown kind\(s\) {}; known kinds: exploding, inf, missing_zero_grad, nan, no_grad, "
+_USAGE = (
+    r"unknown kind\(s\) {}; known kinds: cleared_before_step, exploding, inf, missing_zero_grad, "
+    r"nan, no_grad, "
+)
 
 COMMANDS: list[Command] = [
     Command("report-missing-dir", ["report", "{d}/nope"], EXIT_BAD_INPUT,
@@ -1072,9 +1075,9 @@ COMMANDS: list[Command] = [
             r"read: "),
     Command("report-future-schema", ["report", "{d}/future"], EXIT_BAD_INPUT,
             r"gradwatch report: .*/future/gradwatch-findings\.jsonl:2: written with findings-log "
-            r"schema 2, newer than the schema 1 this gradwatch \(.*\) reads; upgrade gradwatch"),
+            r"schema 3, newer than the schema 2 this gradwatch \(.*\) reads; upgrade gradwatch"),
     Command("report-future-schema-fail-on", ["report", "{d}/future", "--fail-on", "inf"],
-            EXIT_BAD_INPUT, r"schema 2, newer than the schema 1"),
+            EXIT_BAD_INPUT, r"schema 3, newer than the schema 2"),
     Command("report-corrupt-line", ["report", "{d}/corrupt"], EXIT_OK,
             r"gradwatch report: skipped .*/corrupt/gradwatch-findings\.jsonl:1: unreadable "
             r"finding"),

@@ -21,6 +21,7 @@ KIND_VALUES = [
     "vanishing",
     "no_grad",
     "not_in_optimizer",
+    "cleared_before_step",
     "skipped_step",
 ]
 
@@ -34,6 +35,7 @@ ADVICE = {
     Kind.VANISHING: "residual connections",
     Kind.NO_GRAD: "requires_grad_(False)",
     Kind.NOT_IN_OPTIMIZER: "add_param_group()",
+    Kind.CLEARED_BEFORE_STEP: "Move optimizer.zero_grad() before loss.backward()",
     Kind.SKIPPED_STEP: "fix the loss or lower the learning rate",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -310,6 +311,67 @@ def test_clip_grad_norm_before_step() -> None:
         opt.step()
 
     watcher = train(model, opt, steps=30, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_gradient_exactly_zero_for_one_step_then_clipped() -> None:
+    """An all-padding batch: the gradient is exactly zero everywhere, and clipping rescales it in
+    place (its _version moves on), as zero_grad(set_to_none=False) after backward would; one
+    such step in a row is not the bug."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad(set_to_none=False)
+        weight = 0.0 if i in (5, 9) else 1.0  # the batch's mask: nothing counts
+        (nn.functional.mse_loss(model(x), y) * weight).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    watcher = train(model, opt, steps=15, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_gradient_exactly_zero_for_steps_in_a_row_not_reset() -> None:
+    """A gradient that is legitimately zero at several steps running but untouched since it was
+    accumulated (no clipping): not cleared."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad(set_to_none=False)
+        weight = 0.0 if 5 <= i < 8 else 1.0
+        (nn.functional.mse_loss(model(x), y) * weight).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=15, step_fn=step)
+    assert watcher.findings == []
+
+
+@pytest.mark.parametrize("how", ["zero_", "None"])
+def test_one_parameter_cleared_on_purpose(how: str) -> None:
+    """Clearing one parameter's gradient after backward (to hold it still) leaves the others."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+    held = model[0].bias
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad(set_to_none=False)
+        nn.functional.mse_loss(model(x), y).backward()
+        assert held.grad is not None
+        if how == "zero_":
+            held.grad.zero_()
+        else:
+            held.grad = None
+        opt.step()
+
+    watcher = train(model, opt, steps=15, step_fn=step)
     assert watcher.findings == []
 
 

@@ -18,6 +18,7 @@ from gradwatch.detectors.base import (
     Phase,
     Setup,
 )
+from gradwatch.detectors.cleared import ClearedDetector
 from gradwatch.detectors.coverage import CoverageDetector
 from gradwatch.detectors.magnitude import MagnitudeDetector
 from gradwatch.detectors.numerics import NumericsDetector
@@ -28,6 +29,7 @@ REGISTRY: tuple[type[Detector], ...] = (
     CoverageDetector,
     NumericsDetector,
     MagnitudeDetector,
+    ClearedDetector,
 )
 
 RELEASE_1_ORDER = ("accumulation", "coverage", "numerics", "magnitude")
@@ -66,6 +68,7 @@ __all__ = [
     "REGISTRY",
     "AccumulationDetector",
     "CheckContext",
+    "ClearedDetector",
     "Coverage",
     "CoverageDetector",
     "Detector",

@@ -123,6 +123,17 @@ class CheckContext:
     window_start_pass: int
     """Backward passes before this index happened before the group's previous check."""
     coverage: Coverage | None = None
+    missing: tuple[int, ...] = ()
+    """Positions of the optimizer's parameters whose ``.grad`` is ``None`` at the check (so
+    not in ``indices``)."""
+    reached: frozenset[int] = frozenset()
+    """Positions of the optimizer's parameters that a backward pass reached in this step's
+    window (since ``window_start_pass``), as the hooks saw it at the check."""
+    rewritten: frozenset[int] = frozenset()
+    """Positions in ``reached`` and ``indices`` whose ``.grad`` is the tensor that backward pass
+    accumulated into, changed in place since (``zero_()``, clipping's ``mul_()``, unscaling);
+    see :meth:`GradientTracker.changed_since_accumulated`. Taken at the check, like
+    ``missing`` and ``reached``: a statistics-phase detector may run a few steps later."""
     norms: torch.Tensor | None = None
     """Set once the statistics have reached the host; see :meth:`host_norms`."""
     magnitudes: torch.Tensor | None = None
