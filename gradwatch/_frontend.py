@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -345,7 +345,7 @@ class Session:
                     self.registry.add_step_hooks(optimizer, monitor.before_step, monitor.after_step)
             else:
                 for optimizer in optimizers:
-                    self.registry.add_step_post_hook(optimizer, _stepped(monitor))
+                    self.registry.add_step_post_hook(optimizer, monitor.after_step)
         except BaseException:
             self.registry.remove()
             if monitor is not None:
@@ -359,15 +359,6 @@ class Session:
         """Remove every hook, report what is in flight (never raising), close the outputs."""
         self.registry.remove()
         self.monitor.close()
-
-
-def _stepped(
-    monitor: Monitor,
-) -> Callable[[torch.optim.Optimizer, tuple[Any, ...], dict[str, Any]], None]:
-    def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-        monitor.stepped(optimizer)
-
-    return hook
 
 
 # ---------------------------------------------------------------------------- ranks
@@ -552,7 +543,7 @@ class FrameworkWatch:
 
     def start(
         self,
-        model: nn.Module,
+        named: Sequence[tuple[str, nn.Parameter]],
         optimizers: Sequence[torch.optim.Optimizer],
         *,
         accumulation_steps: int,
@@ -562,24 +553,23 @@ class FrameworkWatch:
         collective: Collective | None,
         scaler: Any = None,
         logger: logging.Logger | None = None,
-        subject: str | None = None,
         no_optimizer: str | None = None,
     ) -> None:
-        """Open a session over ``model`` and ``optimizers`` (every rank calls it).
+        """Open a session over ``named`` and ``optimizers`` (every rank calls it).
 
         Args:
+            named: The parameters to watch, from :func:`eligible_parameters` (which the front end
+                calls before it opens any output).
             outputs: Rank zero's TensorBoard sink and findings log (from :func:`open_outputs`;
                 empty on other ranks); closed here if the start fails.
             collective: How ranks exchange findings (``None`` with one process).
             scaler: The framework's ``GradScaler``, if any: non-finite gradients are tolerated
                 while its scale is above 1 (overflows it will skip).
-            subject: How errors call the model.
             no_optimizer: The error when no optimizer updates a watched parameter.
         """
         self.close()
         entry = self.name
         try:
-            named = eligible_parameters(model, entry, subject)
             optimized = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
             if not any(id(p) in optimized for _, p in named):
                 raise GradWatchValueError(
@@ -605,6 +595,7 @@ class FrameworkWatch:
         self._finding_sinks = FanOut([*outputs, *user_sinks])
         statistics = self._finding_sinks.without_findings()
         self._output_dir = outputs[0].log_dir if outputs else None  # type: ignore[attr-defined]
+        session: Session | None = None
         try:
             session = Session(
                 self.settings,
@@ -618,7 +609,7 @@ class FrameworkWatch:
             if resume and self._saved is not None:
                 session.monitor.load_state_dict(self._saved)
         except BaseException:
-            if "session" in locals():
+            if session is not None:
                 session.close()
             self._finding_sinks.close()
             raise
@@ -724,7 +715,6 @@ class FrameworkWatch:
                 self.settings.on_finding,
                 finding,
                 raising=raising,
-                stacklevel=3,
                 announce=zero,
                 logger=self._logger,
                 where=f" (on rank {rank})" if self._world_size > 1 else "",

@@ -371,7 +371,8 @@ class Monitor:
 
         With ``on_nonfinite="skip"``, call it before the optimizer reads the gradients: when they
         are not finite it clears them (``.grad = None``) before returning or raising.
-        Pair each check with :meth:`stepped` once the optimizer has really stepped.
+        Pair each check with :meth:`after_step` once the optimizer has really stepped (the
+        front end registers it as a step post-hook).
         """
         stepper = self._steppers.get(optimizer)
         if stepper is None:
@@ -392,10 +393,6 @@ class Monitor:
         stepper = self._steppers.get(optimizer)
         return None if stepper is None else stepper.state
 
-    def stepped(self, optimizer: torch.optim.Optimizer) -> None:
-        """Record that ``optimizer`` stepped with the gradients it holds now (after a check)."""
-        self.after_step(optimizer, (), {})
-
     def drain(self) -> None:
         """Report every check still in flight now; ``on_finding="raise"`` does not raise here."""
         self._drain(block=True, raising=False)
@@ -414,23 +411,7 @@ class Monitor:
                 grads.append(grad)
             else:
                 missing.append(i)
-        # For the cleared_before_step detector, from host bookkeeping only (_version counters, no
-        # tensor values), taken now: on CUDA its statistics phase may run a few steps later. In a
-        # healthy step the first gradient that is there as it was accumulated ends the search.
-        last_pass, changed = self._tracker.last_pass, self._tracker.changed_since_accumulated
-        start = stepper.window_start_pass
-        reached: frozenset[int] = frozenset()
-        rewritten: frozenset[int] = frozenset()
-        if not any(
-            last_pass[i] >= start and not changed(i, grad)
-            for i, grad in zip(positions, grads, strict=True)
-        ):
-            reached = frozenset(i for i in stepper.positions if last_pass[i] >= start)
-            rewritten = frozenset(
-                i
-                for i, grad in zip(positions, grads, strict=True)
-                if i in reached and changed(i, grad)
-            )
+        reached, rewritten = self._rewritten(stepper, positions, grads)
         stepper.label = label
         stepper.state = StepState.CHECKED
         self._steppers.count_reaching_passes(stepper, positions)
@@ -477,6 +458,30 @@ class Monitor:
             pending.grads = None  # not kept alive until a later check
             self._pending.append(pending)
         self._reporter.report(findings)
+
+    def _rewritten(
+        self, stepper: Stepper, positions: list[int], grads: list[torch.Tensor]
+    ) -> tuple[frozenset[int], frozenset[int]]:
+        """The positions a backward pass reached since the optimizer's last step, and those of
+        them whose ``.grad`` was changed in place since it was accumulated; both empty as soon as
+        one reached gradient is there as it was accumulated (a healthy step: the first one).
+
+        For the ``cleared_before_step`` detector, from host bookkeeping only (``_version``
+        counters, no tensor values), taken now: on CUDA its statistics phase may run a few steps
+        later.
+        """
+        last_pass, changed = self._tracker.last_pass, self._tracker.changed_since_accumulated
+        start = stepper.window_start_pass
+        if any(
+            last_pass[i] >= start and not changed(i, grad)
+            for i, grad in zip(positions, grads, strict=True)
+        ):
+            return frozenset(), frozenset()
+        reached = frozenset(i for i in stepper.positions if last_pass[i] >= start)
+        rewritten = frozenset(
+            i for i, grad in zip(positions, grads, strict=True) if i in reached and changed(i, grad)
+        )
+        return reached, rewritten
 
     @staticmethod
     def _outside_grads(stepper: Stepper) -> list[tuple[str, torch.Tensor]]:

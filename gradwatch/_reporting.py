@@ -138,18 +138,17 @@ def apply_policy(
     finding: Finding,
     *,
     raising: bool,
-    stacklevel: int | None = None,
     announce: bool = True,
     logger: logging.Logger | None = None,
     where: str = "",
 ) -> None:
     """What ``on_finding`` does with a new finding; the one policy of every front end.
 
+    A warning names the first frame outside gradwatch and torch (see :func:`warn_user`).
+
     Args:
         raising: Whether ``"raise"`` raises here (not while closing, nor for findings reported
             late from a check still in flight).
-        stacklevel: Not used: a warning names the first frame outside gradwatch and torch
-            (see :func:`warn_user`), however deep in gradwatch the finding was made.
         announce: Whether this process speaks: warnings, log lines and the user's callable run
             on rank zero only; ``"raise"`` raises on every rank.
         logger: Where a finding that is not a warning is also logged (the frameworks' loggers).

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from gradwatch import _checks
 from gradwatch.findings import Finding, GradWatchTypeError, GradWatchValueError, Kind
 
 MAX_COUNT = 2**62
@@ -30,7 +31,7 @@ def describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         where = "" if value.device.type == "cpu" else f" on {value.device}"
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}{where}"
-    return f"{type(value).__name__} {value!r:.60}"
+    return _checks.received(value)
 
 
 def fields(state: object, keys: Collection[str], what: str = "the state") -> Mapping[str, Any]:

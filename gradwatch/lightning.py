@@ -207,7 +207,7 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
         # On every rank: trainer.log_dir is a collective.
         outputs = self._open_outputs(trainer, rank, [n for n, _ in named])
         self._core.start(
-            pl_module,
+            named,
             list(trainer.optimizers),
             accumulation_steps=self.accumulation_steps or int(trainer.accumulate_grad_batches),
             rank=rank,
@@ -216,7 +216,6 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
             collective=_StrategyCollective(trainer.strategy),
             scaler=getattr(trainer.precision_plugin, "scaler", None),
             logger=logging.getLogger(_namespace(trainer)),
-            subject=name,
             no_optimizer=(
                 f"{_DURING_FIT}: no optimizer from {name}.configure_optimizers() updates any of "
                 f"its {len(named)} trainable parameters; there are no optimizer steps to check"

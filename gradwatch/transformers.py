@@ -128,7 +128,7 @@ class GradWatchCallback(CallbackSurface, TrainerCallback):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         world_size = int(args.world_size) if distributed else 1
         self._core.start(
-            model,
+            named,
             [optimizer],
             accumulation_steps=self.settings.accumulation_steps
             or int(args.gradient_accumulation_steps),
@@ -140,7 +140,6 @@ class GradWatchCallback(CallbackSurface, TrainerCallback):
             collective=TorchCollective() if world_size > 1 else None,
             scaler=getattr(wrapped, "scaler", None),  # accelerate's GradScaler under fp16
             logger=_LOGGER,
-            subject=subject,
             no_optimizer=f"{_ENTRY}: the Trainer's optimizer updates none of the {len(named)} "
             f"trainable parameters of {subject}; there are no optimizer steps to check",
         )

@@ -9,7 +9,6 @@ import io
 import math
 import os
 import re
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -203,11 +202,12 @@ class TensorBoardSink(Sink):
             value = None if image is None else _image("gradwatch/grad_flow", image)
         except Exception as error:  # a broken figure must never stop training
             self._figure_broken = True
-            warnings.warn(
+            from gradwatch._reporting import warn_user  # imports the sinks
+
+            warn_user(
                 f"gradwatch: drawing the gradient-flow figure failed ({error!r}); no more "
                 f"figures are drawn in this run",
                 RuntimeWarning,
-                stacklevel=4,
             )
             return
         if value is not None:
