@@ -48,6 +48,16 @@ def backward_pass_id() -> Callable[[], int]:
     return task_id if task_id is not None else _PassCounter().current
 
 
+def at_backward_end(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` once the backward pass that is running now ends (from inside one of its
+    hooks); ``False`` when this autograd engine takes no such callback (then nothing is run)."""
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 class _PassCounter:
     def __init__(self) -> None:
         self._passes = 0

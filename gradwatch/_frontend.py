@@ -305,8 +305,9 @@ class Session:
         sinks: The outputs (the session closes them).
         on_finding: The policy the monitor applies (a callback queues findings instead).
         step_hooks: ``True``: a check before every optimizer step and a record after it
-            (``watch()``). ``False``: only the record after each real step; the front end calls
-            :meth:`Monitor.check` itself.
+            (``watch()``). ``False``: only a mark before each real step (passes inside it are
+            not overdue) and the record after it; the front end calls :meth:`Monitor.check`
+            itself.
 
     If anything fails while opening, everything opened so far is closed again and the error
     propagates: nothing is left on the model, the optimizers or the file system's writers.
@@ -345,6 +346,7 @@ class Session:
                     self.registry.add_step_hooks(optimizer, monitor.before_step, monitor.after_step)
             else:
                 for optimizer in optimizers:
+                    self.registry.add_step_pre_hook(optimizer, monitor.entering_step)
                     self.registry.add_step_post_hook(optimizer, monitor.after_step)
         except BaseException:
             self.registry.remove()

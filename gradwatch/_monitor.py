@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gradwatch import _options
+from gradwatch._compat import at_backward_end
 from gradwatch._histograms import (
     COLUMNS,
     DEFAULT_BINS,
@@ -45,6 +46,7 @@ from gradwatch.detectors import (
     ParamTable,
     Phase,
     Setup,
+    StallContext,
 )
 from gradwatch.detectors.base import by_arrival
 from gradwatch.findings import (
@@ -150,6 +152,12 @@ class Monitor:
         self._detectors: list[Detector] = [detector(setup) for detector in detectors]
         self._sinks = sinks if isinstance(sinks, FanOut) else FanOut(list(sinks))
         self._reporter = Reporter(options.ignore, on_finding, self._sinks)
+        self._stepping = False
+        """Inside a watched ``optimizer.step()``: backward passes there (a closure) are used."""
+        self._hand: _HandSteps | None = None
+        self._no_step_limit = options.no_step_after * accumulation_steps
+        if any(d.phase is Phase.NO_STEP for d in self._detectors):
+            self.tracker.set_alarm(self._no_step_limit, self._on_overdue)
 
     @property
     def findings(self) -> list[Finding]:
@@ -184,6 +192,7 @@ class Monitor:
             self._sinks.flush()
             self._sinks.close()
             self._table.params.clear()
+            self._hand = None
 
     # ------------------------------------------------------------------ state
 
@@ -314,6 +323,7 @@ class Monitor:
         stepper = self._steppers.get(optimizer)
         if stepper is None:
             return
+        self._stepping = True
         # torch passes step()'s positional arguments with the optimizer itself first.
         positional = args[1:] if args and args[0] is optimizer else args
         if kwargs.get("closure") is not None or any(a is not None for a in positional):
@@ -342,6 +352,103 @@ class Monitor:
         params = self._table.params
         self._tracker.on_stepped(stepper.positions, [params[i].grad for i in stepper.positions])
         self._steppers.stepped(stepper)
+        self._stepping = False
+        self._tracker.reset_unstepped()
+        if self._no_step_limit and len(self._steppers.live()) > 1:
+            self._reporter.report(self._stalled_findings(by_hook=False))
+
+    def entering_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Before a step the front end checks itself: backward passes inside it are used."""
+        if self._steppers.get(optimizer) is not None:
+            self._stepping = True
+
+    def mark_step(self) -> bool:
+        """A step taken without a ``torch.optim`` optimizer (weights updated by hand): check
+        every watched parameter's gradient now, as before ``optimizer.step()``, and record the
+        step.
+
+        Returns:
+            ``False`` when ``on_nonfinite="skip"`` cleared the gradients (``.grad = None``):
+            skip this update; ``True`` otherwise.
+        """
+        if self._hand is None:
+            self._hand = _HandSteps(self._table.params)
+            self._steppers.add(self._hand)
+        stepper = self._steppers.get(self._hand)
+        if stepper is None:
+            return True
+        self.check(self._hand)
+        go_ahead = stepper.state is not StepState.SKIPPED
+        self.after_step(self._hand, (), {})
+        return go_ahead
+
+    # ------------------------------------------------------------------ steps not taken
+
+    def _on_overdue(self) -> None:
+        """From the gradient hook: a backward pass begins while more than the limit of earlier
+        ones had no step after them. Judged once this pass ends (its gradients complete)."""
+        if self._stepping:
+            return
+        if not at_backward_end(self._report_overdue):
+            self._report_overdue()
+
+    def _report_overdue(self) -> None:
+        if self._stepping or self._tracker.unstepped <= self._no_step_limit:
+            return
+        self._reporter.report(self._stalled_findings(by_hook=True))
+
+    def _stalled_findings(self, *, by_hook: bool) -> list[Finding]:
+        """The ``step_not_taken`` findings of every optimizer whose parameters more than the
+        limit of backward passes reached since its last step (each judged once until it steps);
+        from the hook, also when no optimizer is known at all."""
+        tracker = self._tracker
+        passes, limit = tracker.backward_passes, self._no_step_limit
+        last_pass = tracker.last_pass
+        stalled: list[tuple[int, tuple[int, ...]]] = []
+        steppers = self._steppers.live()
+        for stepper in steppers:
+            start = stepper.window_start_pass
+            if stepper.stall_reported or passes - start <= limit:
+                continue
+            stepper.stall_reported = True
+            reached = tuple(i for i in stepper.positions if last_pass[i] >= start)
+            if reached:
+                stalled.append((stepper.group, reached))
+        if not stalled and (steppers or not by_hook):
+            return []
+        context = StallContext(
+            step=self.step,
+            passes=tracker.unstepped
+            if by_hook
+            else passes - min(s.window_start_pass for s in steppers),
+            limit=limit,
+            table=self._table,
+            tracker=tracker,
+            stalled=tuple(stalled),
+            optimizers_known=bool(steppers),
+            nonfinite=self._nonfinite([i for _, reached in stalled for i in reached]),
+        )
+        findings: list[Finding] = []
+        for detector in self._detectors:
+            if detector.phase is Phase.NO_STEP:
+                findings.extend(detector.stalled(context))
+        return findings
+
+    def _nonfinite(self, positions: list[int]) -> bool | None:
+        """Whether a gradient of ``positions`` holds Inf or NaN: one read per device, made only
+        when steps are overdue."""
+        grads = [g for g in (self._table.params[i].grad for i in positions) if g is not None]
+        if not grads:
+            return None
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_device.setdefault(grad.device, []).append(grad)
+        return not all(
+            bool(torch.stack([_dense_values(g.detach()).isfinite().all() for g in group]).all())
+            for group in by_device.values()
+        )
 
     # ------------------------------------------------------------------ front ends driving checks
     # For a front end that decides itself when a check happens (the framework callbacks check
@@ -412,6 +519,8 @@ class Monitor:
             else:
                 missing.append(i)
         reached, rewritten = self._rewritten(stepper, positions, grads)
+        optimizer = stepper.optimizer()
+        learning_rates = () if optimizer is None else _group_lrs(optimizer, stepper, positions)
         stepper.label = label
         stepper.state = StepState.CHECKED
         self._steppers.count_reaching_passes(stepper, positions)
@@ -426,6 +535,8 @@ class Monitor:
             missing=tuple(missing),
             reached=reached,
             rewritten=rewritten,
+            learning_rates=learning_rates,
+            updates=stepper.updates,
         )
         findings = self._run(context, Phase.AT_CHECK)
         norms = self._plan(stepper, positions, grads).norms(grads)
@@ -622,6 +733,11 @@ class Monitor:
         packed = extras is not None or pending.flags
         context.norms = host[:count].to(pending.norms_dtype) if packed else host
         context.magnitudes, context.overflowed = _magnitudes(context.norms, pending.grads)
+        if extras is not None and extras.learning_rates is not None:
+            start = count + pending.flags
+            if extras.histograms:
+                start += count * (extras.bins + COLUMNS)
+            context.weight_norms = host[start : start + count]
         with np.errstate(over="ignore"):  # float64 gradients may lie beyond float32's range
             findings = self._run(context, Phase.STATISTICS)
         if self._sinks:
@@ -705,6 +821,35 @@ def check_parameters(named: Sequence[tuple[str, nn.Parameter]]) -> None:
             f"{', '.join(meta_names[:5])}{' ...' if len(meta_names) > 5 else ''}; "
             f"materialise the model first (model.to_empty(device=...), then initialise it)"
         )
+
+
+class _HandSteps(torch.optim.Optimizer):
+    """Stands for the steps a loop takes by hand (:meth:`Monitor.mark_step`): one parameter
+    group holding every watched parameter, never stepped, with no learning rate."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__(list(params), {})
+
+
+def _host_lr(lr: object) -> float:
+    if isinstance(lr, torch.Tensor):
+        # A tensor lr on an accelerator would need a device read: leave it unknown.
+        return float(lr) if lr.device.type == "cpu" and lr.numel() == 1 else math.nan
+    return float(lr) if isinstance(lr, (int, float)) else math.nan
+
+
+def _group_lrs(
+    optimizer: torch.optim.Optimizer, stepper: Stepper, positions: list[int]
+) -> tuple[float, ...]:
+    """The learning rate of each parameter group holding one of ``positions``; every group's
+    when none is 0 (the common case, one look per group)."""
+    groups = optimizer.param_groups
+    lrs = tuple(_host_lr(group.get("lr")) for group in groups)
+    if 0.0 not in lrs:
+        return lrs
+    group_of = stepper.group_of
+    holding = sorted({group_of[i] for i in positions if i in group_of})
+    return tuple(lrs[g] for g in holding if g < len(lrs))
 
 
 def _learning_rates(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[float]:

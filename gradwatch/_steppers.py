@@ -66,6 +66,12 @@ class Stepper:
     outside: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     """(param group, index in it) of each of the optimizer's parameters that is not watched."""
     steps: int = 0
+    updates: int = 0
+    """Steps taken with gradients (not emptied by ``on_nonfinite="skip"``)."""
+    stall_reported: bool = False
+    """Whether ``step_not_taken`` was judged since its last step."""
+    group_of: dict[int, int] = dataclasses.field(default_factory=dict)
+    """The index of the parameter group holding each watched position."""
     window_start_pass: int = 0
     reached_passes: int = 0
     """Backward passes that gave gradients to at least one of this optimizer's parameters."""
@@ -140,7 +146,22 @@ class Steppers:
             self._refresh(stepper, optimizer)
         return stepper if stepper.positions else None
 
+    def add(self, optimizer: torch.optim.Optimizer) -> Stepper:
+        """Watch ``optimizer`` from now on (numbered next), whether or not following all."""
+        stepper = self._new(optimizer)
+        self._next_group += 1
+        self._steppers[id(optimizer)] = stepper
+        self._optimized_cache = None
+        return stepper
+
+    def live(self) -> list[Stepper]:
+        """The steppers of optimizers that still exist and update watched parameters."""
+        return [s for s in self._steppers.values() if s.positions and s.optimizer() is not None]
+
     def stepped(self, stepper: Stepper) -> None:
+        if stepper.state is not StepState.SKIPPED:
+            stepper.updates += 1
+        stepper.stall_reported = False
         stepper.steps += 1
         stepper.window_start_pass = self._tracker.backward_passes
         stepper.state = StepState.READY
@@ -230,8 +251,13 @@ class Steppers:
         stepper.signature = signature
         position = self._position
         groups = optimizer.param_groups
-        ids = (id(p) for group in groups for p in group["params"])
-        stepper.position_set = frozenset(position[i] for i in ids if i in position)
+        stepper.group_of = {
+            position[id(p)]: g
+            for g, group in enumerate(groups)
+            for p in group["params"]
+            if id(p) in position
+        }
+        stepper.position_set = frozenset(stepper.group_of)
         stepper.positions = sorted(stepper.position_set)
         stepper.position_array = np.array(stepper.positions, dtype=np.intp)
         stepper.outside = [

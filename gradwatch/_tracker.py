@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -49,6 +49,22 @@ class GradientTracker:
         self._last_pass = [-1] * num_params
         self._first_position = [-1] * num_params
         self._backward_passes = 0
+        # Backward passes begun since the last optimizer step, counted by the hook itself (the
+        # replay may not run for a long time when no step comes), and what to call once they are
+        # more than _alarm_after.
+        self._hook_pass: int | None = None
+        self.unstepped = 0
+        self._alarm_after: int | None = None
+        self._alarm: Callable[[], None] | None = None
+
+    def set_alarm(self, after: int, alarm: Callable[[], None]) -> None:
+        """Call ``alarm()`` from the hook when a backward pass begins while more than ``after``
+        earlier ones had no :meth:`reset_unstepped` after them (once until the next reset)."""
+        self._alarm_after, self._alarm = after, alarm
+
+    def reset_unstepped(self) -> None:
+        """An optimizer step: the passes so far were used."""
+        self.unstepped = 0
 
     @property
     def passes_into(self) -> list[int]:
@@ -103,7 +119,14 @@ class GradientTracker:
         grad = param.grad
         if grad is None:
             return
-        self._events.append((index, weakref.ref(grad), grad._version, self._current_pass()))
+        pass_id = self._current_pass()
+        if pass_id != self._hook_pass:  # the first gradient of a backward pass
+            self._hook_pass = pass_id
+            self.unstepped += 1
+            after = self._alarm_after
+            if after is not None and self.unstepped == after + 2 and self._alarm is not None:
+                self._alarm()
+        self._events.append((index, weakref.ref(grad), grad._version, pass_id))
         if len(self._events) > self._replay_at:  # backward after backward with no check
             self.replay()
 

@@ -25,6 +25,8 @@ class Kind(str, Enum):
     NO_GRAD = "no_grad"
     NOT_IN_OPTIMIZER = "not_in_optimizer"
     CLEARED_BEFORE_STEP = "cleared_before_step"
+    STEP_NOT_TAKEN = "step_not_taken"
+    NO_UPDATE = "no_update"
     SKIPPED_STEP = "skipped_step"
 
     def __str__(self) -> str:
@@ -47,6 +49,9 @@ class Finding:
             ``skipped_step``: the parameters whose gradients were not finite, in the order their
             gradients arrived in the backward pass, so the first points at where the non-finite
             value entered).
+        cause: For a kind with several causes, which one (``step_not_taken``: ``"no_step"``,
+            ``"overflow"`` or ``"no_optimizer"``; ``no_update``: ``"zero_lr"`` or
+            ``"unchanged"``); ``None`` otherwise.
 
     Example:
         >>> f = Finding(Kind.NAN, step=3, param="fc.weight", params=("fc.weight",))
@@ -60,6 +65,7 @@ class Finding:
     value: float | None = None
     threshold: float | None = None
     params: tuple[str, ...] = ()
+    cause: str | None = None
 
     @property
     def message(self) -> str:
@@ -72,14 +78,14 @@ class Finding:
     def to_dict(self) -> dict[str, Any]:
         """The one serialised form of a finding, shared by state dicts, the findings log and
         ``gradwatch report``: JSON-safe (NaN and infinities as the strings ``"nan"``, ``"inf"``,
-        ``"-inf"``).
+        ``"-inf"``). ``cause`` is written only when set.
 
         Example:
             >>> Finding(Kind.INF, 2, "w", value=float("inf"), params=("w",)).to_dict()
             {'kind': 'inf', 'step': 2, 'param': 'w', 'params': ['w'], 'value': 'inf',
              'threshold': None}
         """
-        return {
+        data: dict[str, Any] = {
             "kind": self.kind.value,
             "step": self.step,
             "param": self.param,
@@ -87,6 +93,9 @@ class Finding:
             "value": _json_number(self.value),
             "threshold": _json_number(self.threshold),
         }
+        if self.cause is not None:
+            data["cause"] = self.cause
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Finding:
@@ -107,6 +116,9 @@ class Finding:
                 raise TypeError(f"param must be a string or null, got {param!r:.40}")
             if not isinstance(params, (list, tuple)) or not all(isinstance(n, str) for n in params):
                 raise TypeError(f"params must be a list of strings, got {params!r:.40}")
+            cause = data.get("cause")
+            if cause is not None and not isinstance(cause, str):
+                raise TypeError(f"cause must be a string or null, got {cause!r:.40}")
             return cls(
                 kind=kind,
                 step=step,
@@ -114,6 +126,7 @@ class Finding:
                 value=_number_from_json("value", data["value"]),
                 threshold=_number_from_json("threshold", data["threshold"]),
                 params=tuple(params),
+                cause=cause,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as error:
             detail = f"no key {error}" if isinstance(error, KeyError) else str(error)

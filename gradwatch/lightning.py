@@ -141,7 +141,7 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
             ``fit`` ends.
         **detector_options: As for ``gradwatch.watch``: ``no_grad_after``, ``explode_factor``,
             ``max_grad_norm``, ``warmup_steps``, ``history``, ``vanish_ratio``,
-            ``vanish_steps``, ``ignore``.
+            ``vanish_steps``, ``no_step_after``, ``ignore``.
 
     Raises:
         GradWatchTypeError, GradWatchValueError: A bad argument (at construction); or at the

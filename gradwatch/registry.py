@@ -56,6 +56,10 @@ class HookRegistry:
             self._keep(optimizer.register_step_pre_hook(before))
             self._keep(optimizer.register_step_post_hook(after))
 
+    def add_step_pre_hook(self, optimizer: torch.optim.Optimizer, hook: StepHook) -> None:
+        """A hook before each ``optimizer.step()`` (not one a GradScaler skips)."""
+        self._keep(optimizer.register_step_pre_hook(hook))
+
     def add_step_post_hook(self, optimizer: torch.optim.Optimizer, hook: StepHook) -> None:
         """A hook after each ``optimizer.step()`` that really runs (not one GradScaler skips)."""
         self._keep(optimizer.register_step_post_hook(hook))

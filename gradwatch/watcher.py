@@ -73,7 +73,7 @@ def watch(
             are closed with the watcher.
         **detector_options: Thresholds; see the README for each one's meaning and default:
             ``no_grad_after``, ``explode_factor``, ``max_grad_norm``, ``warmup_steps``,
-            ``history``, ``vanish_ratio``, ``vanish_steps``, ``ignore``.
+            ``history``, ``vanish_ratio``, ``vanish_steps``, ``no_step_after``, ``ignore``.
 
     Returns:
         An open :class:`Watcher`; use it as a context manager or call :meth:`Watcher.close`.
@@ -237,6 +237,41 @@ class Watcher:
     def summary(self) -> str:
         """A readable report of every finding so far."""
         return self._monitor.summary()
+
+    def mark_step(self) -> bool:
+        """Mark a step of a loop that updates the weights by hand, with no ``torch.optim``
+        optimizer: call it where ``optimizer.step()`` would be, after ``backward()`` and before
+        the update. Every watched parameter's gradient is checked then, as before an optimizer
+        step, and the step is counted, so every detector works for such loops.
+
+        Returns:
+            ``False`` when ``on_nonfinite="skip"`` found NaN/Inf and cleared the gradients
+            (``.grad`` is ``None``): skip this update. ``True`` otherwise.
+
+        Raises:
+            GradWatchValueError: The watcher is closed.
+            GradientError: With ``on_finding="raise"``, for a finding of this check.
+
+        Example:
+            >>> import torch, gradwatch
+            >>> model = torch.nn.Linear(3, 1)
+            >>> with gradwatch.watch(model, on_finding="record") as watcher:
+            ...     for _ in range(3):
+            ...         model.zero_grad()
+            ...         model(torch.ones(4, 3)).sum().backward()
+            ...         if watcher.mark_step():
+            ...             with torch.no_grad():
+            ...                 for p in model.parameters():
+            ...                     p.add_(p.grad, alpha=-0.1)
+            >>> watcher.step, watcher.findings
+            (3, [])
+        """
+        if self._closed:
+            raise GradWatchValueError(
+                "this Watcher is closed (its hooks are removed), so mark_step() would check "
+                "nothing; call gradwatch.watch() again for a new one"
+            )
+        return self._monitor.mark_step()
 
     def state_dict(self) -> dict[str, Any]:
         """Step counts, detector history and findings, for resuming a run."""

@@ -17,11 +17,14 @@ from gradwatch.detectors.base import (
     ParamTable,
     Phase,
     Setup,
+    StallContext,
 )
 from gradwatch.detectors.cleared import ClearedDetector
 from gradwatch.detectors.coverage import CoverageDetector
 from gradwatch.detectors.magnitude import MagnitudeDetector
 from gradwatch.detectors.numerics import NumericsDetector
+from gradwatch.detectors.steps import StepsDetector
+from gradwatch.detectors.updates import NoUpdateDetector
 from gradwatch.findings import Kind, register_messages
 
 REGISTRY: tuple[type[Detector], ...] = (
@@ -30,6 +33,8 @@ REGISTRY: tuple[type[Detector], ...] = (
     NumericsDetector,
     MagnitudeDetector,
     ClearedDetector,
+    StepsDetector,
+    NoUpdateDetector,
 )
 
 RELEASE_1_ORDER = ("accumulation", "coverage", "numerics", "magnitude")
@@ -73,10 +78,13 @@ __all__ = [
     "CoverageDetector",
     "Detector",
     "MagnitudeDetector",
+    "NoUpdateDetector",
     "NumericsDetector",
     "Option",
     "ParamTable",
     "Phase",
     "Setup",
+    "StallContext",
+    "StepsDetector",
     "declared_options",
 ]

@@ -9,7 +9,8 @@ A detector is one class over :class:`Detector` that declares
   with a default and a check that rejects bad values with an error that teaches;
 - ``phase``: :attr:`Phase.AT_CHECK` when it needs only the hooks' bookkeeping (it runs at the
   moment of the check, before any device statistics), :attr:`Phase.STATISTICS` when it needs
-  the check's norms on the host.
+  the check's norms on the host, :attr:`Phase.NO_STEP` when it judges backward passes that no
+  optimizer step follows (there is no check to run at then).
 
 and is listed once in :data:`gradwatch.detectors.REGISTRY`. What it reads at a check is the
 :class:`CheckContext`: explicit, read-only fields, the same for every detector, so the order of
@@ -39,6 +40,10 @@ class Phase(str, enum.Enum):
     """At the moment of the check, from the hooks' bookkeeping alone (no device statistics)."""
     STATISTICS = "statistics"
     """Once the check's statistics have reached the host (possibly a few steps later on CUDA)."""
+    NO_STEP = "no_step"
+    """At the end of a backward pass when more backward passes than ``no_step_after`` allows
+    have reached the watched parameters with no optimizer step after them; reads a
+    :class:`StallContext` in :meth:`Detector.stalled`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +146,49 @@ class CheckContext:
     replaced by their largest |value| (a lower bound of the norm); see :attr:`overflowed`."""
     overflowed: torch.Tensor | None = None
     """Bool per entry of ``norms``: infinite only because squaring overflowed (no real Inf)."""
+    learning_rates: tuple[float, ...] = ()
+    """The learning rate of each of the optimizer's parameter groups that holds a checked
+    gradient, taken at the check (NaN where it is not a number on the host: a tensor on an
+    accelerator is not read). When no group's rate is 0, every group's rate."""
+    updates: int = 0
+    """The optimizer's steps taken with gradients before this check (steps that
+    ``on_nonfinite="skip"`` emptied are not counted)."""
+    weight_norms: torch.Tensor | None = None
+    """``weight_norms[j]``: the norm of ``params[indices[j]]`` at the check, at the checks where
+    the weight norms are taken for the update ratios (every ``RATIO_EVERY`` steps while an
+    output is open); ``None`` at the others."""
 
     def host_norms(self) -> torch.Tensor:
         if self.norms is None:
             raise RuntimeError("this detector needs statistics; run it once they are on the host")
         return self.norms
+
+
+@dataclasses.dataclass(frozen=True)
+class StallContext:
+    """Backward passes that no optimizer step followed: what :meth:`Detector.stalled` reads.
+
+    Built at the end of a backward pass once the passes with no step after them exceed the
+    limit, at most once between two steps.
+    """
+
+    step: int
+    """The watched parameters' step count (the step the passes belong to)."""
+    passes: int
+    """Backward passes that reached watched parameters since the last optimizer step (or since
+    watching began) with no step after them: those before this one, which ended just now."""
+    limit: int
+    """``no_step_after * accumulation_steps``."""
+    table: ParamTable
+    tracker: GradientTracker
+    stalled: tuple[tuple[int, tuple[int, ...]], ...]
+    """Per watched optimizer that those passes reached: its group and the positions of its
+    parameters they reached. Empty when no optimizer is known to update the parameters."""
+    optimizers_known: bool
+    """Whether any optimizer has been watched (given, or seen stepping)."""
+    nonfinite: bool | None
+    """Whether the gradients of the reached parameters hold Inf or NaN at the end of this pass
+    (the overflow a ``GradScaler`` skips steps for); ``None`` when not read."""
 
 
 class Detector:
@@ -168,6 +211,10 @@ class Detector:
 
     def check(self, ctx: CheckContext) -> list[Finding]:
         raise NotImplementedError
+
+    def stalled(self, ctx: StallContext) -> list[Finding]:
+        """Findings about backward passes that no step followed (:attr:`Phase.NO_STEP`)."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}
