@@ -7,6 +7,7 @@ import shlex
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple, TextIO
 
@@ -79,6 +80,24 @@ def head_left_out_of_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
+_SCHEDULERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+_SCHEDULERS = weakref.WeakKeyDictionary()
+
+
+def warm_up_that_never_starts() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model, opt = sgd(mlp())
+    # The bug: integer division, so the multiplier is 0 for the first 1000 steps.
+    _SCHEDULERS[opt] = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step // 1000)
+    return model, opt
+
+
+def step_with_scheduler(
+    step: int, model: nn.Module, opt: torch.optim.Optimizer, batch: Batch
+) -> None:
+    correct_step(step, model, opt, batch)
+    _SCHEDULERS[opt].step()
+
+
 SCENARIOS = [
     Scenario(
         "forgotten-zero-grad",
@@ -119,6 +138,14 @@ SCENARIOS = [
         head_left_out_of_optimizer,
         correct_step,
         1,
+    ),
+    Scenario(
+        "warm-up-at-zero",
+        "a warm-up multiplier that stays 0 (step // 1000 instead of step / 1000)",
+        "no_update",
+        warm_up_that_never_starts,
+        step_with_scheduler,
+        5,  # lr 0 at 5 checks in a row
     ),
     Scenario(
         "healthy", "nothing: a correct training loop", None, lambda: sgd(mlp()), correct_step, 1

@@ -134,7 +134,7 @@ def test_demo_catches_every_planted_bug_and_report_reads_it(tmp_path: Path) -> N
         text=True,
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
-    assert "caught all 5 planted bugs; the healthy run was silent" in demo.stdout
+    assert "caught all 6 planted bugs; the healthy run was silent" in demo.stdout
     assert f"tensorboard --logdir {tmp_path}" in demo.stdout
     report = subprocess.run(
         [sys.executable, "-m", "gradwatch", "report", str(tmp_path), "--json"],
