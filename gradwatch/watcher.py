@@ -262,7 +262,7 @@ class Watcher:
             ...         if watcher.mark_step():
             ...             with torch.no_grad():
             ...                 for p in model.parameters():
-            ...                     p.add_(p.grad, alpha=-0.1)
+            ...                     _ = p.add_(p.grad, alpha=-0.1)
             >>> watcher.step, watcher.findings
             (3, [])
         """

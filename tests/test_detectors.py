@@ -509,7 +509,7 @@ def test_nan_in_low_precision_model(dtype: torch.dtype) -> None:
 def test_inf_gradient(dtype: torch.dtype) -> None:
     """A loss scale too large for the gradient's dtype overflows it to +/-Inf."""
     model = nn.Linear(4, 1).to(dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: no_update ignored
     big = torch.finfo(dtype).max
 
     def step(i: int) -> None:
@@ -519,7 +519,7 @@ def test_inf_gradient(dtype: torch.dtype) -> None:
         (model(x).sum() * scale).backward()  # d/dw = 2 * scale: overflows to +Inf
         opt.step()
 
-    watcher = train(model, opt, steps=6, step_fn=step, ignore=["exploding"])
+    watcher = train(model, opt, steps=6, step_fn=step, ignore=["exploding", "no_update"])
     assert kinds(watcher) == ["inf"]
     finding = watcher.findings[0]
     assert finding.step == 4
@@ -528,7 +528,7 @@ def test_inf_gradient(dtype: torch.dtype) -> None:
 
 def test_nan_wins_over_inf_in_one_tensor() -> None:
     model = nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: no_update ignored
 
     def step(i: int) -> None:
         opt.zero_grad()
@@ -539,7 +539,7 @@ def test_nan_wins_over_inf_in_one_tensor() -> None:
             model.weight.grad[0, 1] = float("inf")
         opt.step()
 
-    watcher = train(model, opt, steps=4, step_fn=step)
+    watcher = train(model, opt, ignore=["no_update"], steps=4, step_fn=step)
     assert kinds(watcher) == ["nan"]
     assert watcher.findings[0].params == ("weight",)
     assert watcher.findings[0].step == 2
@@ -547,7 +547,7 @@ def test_nan_wins_over_inf_in_one_tensor() -> None:
 
 def test_negative_inf() -> None:
     model = nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: no_update ignored
 
     def step(i: int) -> None:
         opt.zero_grad()
@@ -557,7 +557,7 @@ def test_negative_inf() -> None:
             model.bias.grad.fill_(float("-inf"))
         opt.step()
 
-    watcher = train(model, opt, steps=3, step_fn=step)
+    watcher = train(model, opt, ignore=["no_update"], steps=3, step_fn=step)
     assert kinds(watcher) == ["inf"]
     assert watcher.findings[0].params == ("bias",)
     assert watcher.findings[0].step == 1
@@ -567,14 +567,14 @@ def test_negative_inf() -> None:
 def test_large_finite_low_precision_gradient_is_not_inf(dtype: torch.dtype) -> None:
     """100 elements near 60000: finite in float16, but their float16 norm would overflow."""
     model = nn.Linear(10, 10).to(dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: no_update ignored
 
     def step(_: int) -> None:
         opt.zero_grad()
         (model(torch.ones(1, 10, dtype=dtype)).sum() * 60000.0).backward()
         opt.step()
 
-    watcher = train(model, opt, steps=8, step_fn=step)
+    watcher = train(model, opt, ignore=["no_update"], steps=8, step_fn=step)
     assert model.weight.grad is not None
     assert model.weight.grad.dtype == dtype
     assert bool(torch.isfinite(model.weight.grad).all())
@@ -586,14 +586,14 @@ def test_large_finite_low_precision_gradient_is_not_inf(dtype: torch.dtype) -> N
 def test_finite_gradient_too_large_to_square_is_exploding_not_inf(dtype: torch.dtype) -> None:
     """|g| = 1e20 is finite in float32 and bfloat16, but its square overflows float32."""
     model = nn.Linear(4, 1).to(dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: no_update ignored
 
     def step(i: int) -> None:
         opt.zero_grad()
         (model(torch.ones(1, 4, dtype=dtype)).sum() * (1e20 if i == 3 else 1.0)).backward()
         opt.step()
 
-    watcher = train(model, opt, steps=5, step_fn=step)
+    watcher = train(model, opt, ignore=["no_update"], steps=5, step_fn=step)
     assert model.weight.grad is not None
     assert kinds(watcher) == ["exploding"]
     assert watcher.findings[0].step == 3
@@ -680,7 +680,7 @@ def test_learning_rate_raised_mid_run(optimizer: str, change: int) -> None:
 
 def test_gradient_norm_above_the_absolute_ceiling() -> None:
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: no_update ignored
 
     def step(i: int) -> None:
         x, y = regression_batch()
@@ -689,7 +689,7 @@ def test_gradient_norm_above_the_absolute_ceiling() -> None:
         (nn.functional.mse_loss(model(x), y) * scale).backward()
         opt.step()
 
-    watcher = train(model, opt, steps=4, step_fn=step)
+    watcher = train(model, opt, ignore=["no_update"], steps=4, step_fn=step)
     assert kinds(watcher) == ["exploding"]
     finding = watcher.findings[0]
     assert finding.step == 2  # before warm-up: only the ceiling applies
@@ -699,7 +699,7 @@ def test_gradient_norm_above_the_absolute_ceiling() -> None:
 
 def test_exploding_names_the_params_that_grew_most() -> None:
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: no_update ignored
 
     def step(i: int) -> None:
         x, y = regression_batch()
@@ -710,7 +710,7 @@ def test_exploding_names_the_params_that_grew_most() -> None:
             model[2].weight.grad.mul_(1e4)  # e.g. a buggy custom backward in one layer
         opt.step()
 
-    watcher = train(model, opt, steps=14, step_fn=step)
+    watcher = train(model, opt, ignore=["no_update"], steps=14, step_fn=step)
     assert kinds(watcher) == ["exploding"]
     finding = watcher.findings[0]
     assert finding.step == 12

@@ -324,7 +324,8 @@ def _mlp_run(
     step_fn: Callable[[nn.Module, int], None], steps: int, **options: object
 ) -> gradwatch.Watcher:
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: no_update ignored
+    options.setdefault("ignore", ["no_update"])
     with gradwatch.watch(model, opt, on_finding="record", **options) as watcher:  # type: ignore[arg-type]
         for i in range(steps):
             x, y = regression_batch()

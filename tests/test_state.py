@@ -235,9 +235,12 @@ def test_states_of_real_runs_load_and_save_again_unchanged(run: Run) -> None:
     ):  # 0.1's, by position; detectors added since start afresh
         saved["detectors"] = dict(zip(RELEASE_1_ORDER, saved["detectors"], strict=True))
         added = set(state["detectors"]) - set(RELEASE_1_ORDER)
-        assert added == {"cleared"}
+        assert added == {"cleared", "steps", "no_update"}
         assert state["detectors"]["cleared"] == {"streak": {}}
-        saved["detectors"]["cleared"] = state["detectors"]["cleared"]
+        assert state["detectors"]["steps"] == {}
+        assert state["detectors"]["no_update"] == {"streak": {}}
+        for name in added:
+            saved["detectors"][name] = state["detectors"][name]
     assert state_differences(saved, state) == []
     assert watcher.step == max(saved["steps"].values()) + 2
 
