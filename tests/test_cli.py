@@ -61,7 +61,7 @@ def test_findings_log_schema(tmp_path: Path) -> None:
     path = write_log(tmp_path, [EXPLODING])
     (line,) = path.read_text().splitlines()
     record = json.loads(line)
-    assert record["schema"] == 2
+    assert record["schema"] == 3
     assert record["kind"] == "exploding"
     assert record["step"] == 4
     assert record["param"] == "fc.weight"
@@ -107,10 +107,10 @@ def test_newer_schema_with_an_unknown_kind_stops_the_report(
     """A kind from a newer gradwatch is not skipped as unreadable (``--fail-on any`` would pass
     on it): the schema is read first, and the report refuses the log."""
     (tmp_path / FINDINGS_LOG_NAME).write_text(
-        raw_record() + "\n" + raw_record(schema=3, kind="from_the_future") + "\n"
+        raw_record() + "\n" + raw_record(schema=4, kind="from_the_future") + "\n"
     )
     assert main(["report", str(tmp_path), "--fail-on", "any"]) == EXIT_BAD_INPUT
-    assert "schema 3, newer than the schema 2" in capsys.readouterr().err
+    assert "schema 4, newer than the schema 3" in capsys.readouterr().err
 
 
 def test_version_and_help() -> None:
@@ -392,8 +392,8 @@ def test_unknown_fail_on_kind_lists_any(tmp_path: Path, capsys: pytest.CaptureFi
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.endswith(
         "unknown kind(s) everything; known kinds: cleared_before_step, exploding, inf, "
-        "missing_zero_grad, nan, no_grad, not_in_optimizer, skipped_step, "
-        "unexpected_accumulation, vanishing; or any (every kind)"
+        "missing_zero_grad, nan, no_grad, no_update, not_in_optimizer, skipped_step, "
+        "step_not_taken, unexpected_accumulation, vanishing; or any (every kind)"
     )
 
 

@@ -83,7 +83,7 @@ class Bad:
 
 _ALL_KINDS = (
     "missing_zero_grad, unexpected_accumulation, nan, inf, exploding, vanishing, no_grad, "
-    "not_in_optimizer, cleared_before_step, skipped_step"
+    "not_in_optimizer, cleared_before_step, step_not_taken, no_update, skipped_step"
 )
 _ON_FINDING = r"on_finding must be one of 'warn', 'raise', 'record' or a callable taking a Finding"
 _DIRECTORY = r"log_dir must be a directory \(or a path where one can be created\), got "
@@ -179,7 +179,7 @@ BAD_KEYWORDS: list[Bad] = [
     Bad("unknown=no_grad_afterr", {"no_grad_afterr": 3}, TE,
         r"ENTRY got unknown option\(s\) 'no_grad_afterr'; detector options are: "
         r"no_grad_after, explode_factor, max_grad_norm, warmup_steps, history, vanish_ratio, "
-        r"vanish_steps, ignore"),
+        r"vanish_steps, no_step_after, ignore"),
     Bad("unknown=explode_factr", {"explode_factr": 10.0}, TE,
         r"ENTRY got unknown option\(s\) 'explode_factr'; detector options are: "),
     # sinks: a list or tuple of gradwatch.sinks.Sink (or objects with their four methods)
@@ -879,6 +879,12 @@ def _training_on_is_not_watched(c: Closed) -> None:
     assert hook_counts(c.model) == hook_counts(mlp())
 
 
+def _mark_step_is_refused(c: Closed) -> None:
+    with pytest.raises(GradWatchValueError, match=r"this Watcher is closed .* mark_step\(\)"):
+        c.watcher.mark_step()
+    assert c.watcher.step == 3
+
+
 def _watching_again_works(c: Closed) -> None:
     with gradwatch.watch(c.model, c.optimizer, on_finding="record") as again:
         run_steps(c.model, c.optimizer, 2)
@@ -894,6 +900,7 @@ CLOSED_MEMBERS: dict[str, Callable[[Closed], None]] = {
     "state_dict": _state_dict_answers,
     "load_state_dict": _load_state_dict_keeps_history,
     "close": _close_is_a_no_op,
+    "mark_step": _mark_step_is_refused,
     "__enter__": _with_block_is_refused,
     "__repr__": _repr_says_closed,
     # not members, but what users do next
@@ -1043,7 +1050,7 @@ def _prepare(root: pathlib.Path) -> None:
         "corrupt": "not json {\n",
         "wrong-types": _record(params=5) + "\n" + _record(step=1.5) + "\n",
         "no-schema": json.dumps({"kind": "nan", "step": 3}) + "\n",
-        "future": _record() + "\n" + _record(schema=3, kind="exploding") + "\n",
+        "future": _record() + "\n" + _record(schema=4, kind="exploding") + "\n",
         "good": _record() + "\n",
         "nested-list": "[" * 100_000 + "]" * 100_000 + "\n",
         "nested-object": '{"a": ' * 100_000 + "1" + "}" * 100_000 + "\n",
@@ -1075,9 +1082,9 @@ COMMANDS: list[Command] = [
             r"read: "),
     Command("report-future-schema", ["report", "{d}/future"], EXIT_BAD_INPUT,
             r"gradwatch report: .*/future/gradwatch-findings\.jsonl:2: written with findings-log "
-            r"schema 3, newer than the schema 2 this gradwatch \(.*\) reads; upgrade gradwatch"),
+            r"schema 4, newer than the schema 3 this gradwatch \(.*\) reads; upgrade gradwatch"),
     Command("report-future-schema-fail-on", ["report", "{d}/future", "--fail-on", "inf"],
-            EXIT_BAD_INPUT, r"schema 3, newer than the schema 2"),
+            EXIT_BAD_INPUT, r"schema 4, newer than the schema 3"),
     Command("report-corrupt-line", ["report", "{d}/corrupt"], EXIT_OK,
             r"gradwatch report: skipped .*/corrupt/gradwatch-findings\.jsonl:1: unreadable "
             r"finding"),

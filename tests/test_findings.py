@@ -11,6 +11,7 @@ import pytest
 
 import gradwatch
 from gradwatch import Finding, GradientError, GradWatchWarning, Kind
+from gradwatch.findings import GradWatchValueError
 
 KIND_VALUES = [
     "missing_zero_grad",
@@ -22,6 +23,8 @@ KIND_VALUES = [
     "no_grad",
     "not_in_optimizer",
     "cleared_before_step",
+    "step_not_taken",
+    "no_update",
     "skipped_step",
 ]
 
@@ -36,6 +39,8 @@ ADVICE = {
     Kind.NO_GRAD: "requires_grad_(False)",
     Kind.NOT_IN_OPTIMIZER: "add_param_group()",
     Kind.CLEARED_BEFORE_STEP: "Move optimizer.zero_grad() before loss.backward()",
+    Kind.STEP_NOT_TAKEN: "Call optimizer.step()",
+    Kind.NO_UPDATE: "Check the scheduler or warm-up",
     Kind.SKIPPED_STEP: "fix the loss or lower the learning rate",
 }
 
@@ -70,14 +75,16 @@ def test_finding_fields_and_defaults() -> None:
         "value",
         "threshold",
         "params",
+        "cause",
     ]
-    assert (f.kind, f.step, f.param, f.value, f.threshold, f.params) == (
+    assert (f.kind, f.step, f.param, f.value, f.threshold, f.params, f.cause) == (
         Kind.NAN,
         3,
         "fc.weight",
         None,
         None,
         (),
+        None,
     )
     assert isinstance(f.message, str)
 
@@ -179,3 +186,32 @@ def test_warning_carries_the_finding() -> None:
         import warnings
 
         warnings.warn(warning, stacklevel=1)
+
+
+@pytest.mark.parametrize(
+    ("cause", "advice"),
+    [
+        ("no_step", "Call optimizer.step()"),
+        ("overflow", "GradScaler skips every step"),
+        ("no_optimizer", "watcher.mark_step()"),
+    ],
+)
+def test_step_not_taken_message_per_cause(cause: str, advice: str) -> None:
+    f = Finding(Kind.STEP_NOT_TAKEN, 0, "w", 51.0, 50.0, ("w",), cause)
+    assert advice in f.message
+
+
+def test_no_update_message_per_cause() -> None:
+    zero = Finding(Kind.NO_UPDATE, 4, "w", 5.0, 0.0, ("w",), "zero_lr")
+    unchanged = Finding(Kind.NO_UPDATE, 20, "w", 10.0, None, ("w",), "unchanged")
+    assert "learning rate is 0" in zero.message
+    assert "bit-for-bit what they were 10 optimizer steps ago" in unchanged.message
+
+
+def test_cause_round_trips_and_is_written_only_when_set() -> None:
+    f = Finding(Kind.NO_UPDATE, 4, "w", 5.0, 0.0, ("w",), "zero_lr")
+    assert f.to_dict()["cause"] == "zero_lr"
+    assert Finding.from_dict(f.to_dict()) == f
+    assert "cause" not in Finding(Kind.NAN, 1, "w").to_dict()
+    with pytest.raises(GradWatchValueError, match="cause must be a string or null, got 3"):
+        Finding.from_dict({**f.to_dict(), "cause": 3})
