@@ -91,14 +91,36 @@ def test_corrupt_and_truncated_lines_are_skipped_with_a_warning(
         assert f"{path}:{number}" in captured.err
 
 
-@pytest.mark.parametrize("schema", [1, 2])
-def test_report_reads_schema_1_and_2_logs(tmp_path: Path, schema: int) -> None:
-    cleared = Finding(Kind.CLEARED_BEFORE_STEP, 1, "fc.bias", value=2.0, params=("fc.bias",))
+# The kinds each findings-log schema adds, as a gradwatch of that schema wrote them.
+ADDED_BY_SCHEMA = {
+    1: [],
+    2: [Finding(Kind.CLEARED_BEFORE_STEP, 1, "fc.bias", value=2.0, params=("fc.bias",))],
+    3: [
+        Finding(Kind.NO_UPDATE, 4, "fc.bias", 5.0, 0.0, ("fc.bias", "fc.weight"), "zero_lr"),
+        Finding(Kind.NO_UPDATE, 20, "fc.weight", 10.0, None, ("fc.weight",), "unchanged"),
+        Finding(Kind.STEP_NOT_TAKEN, 51, "fc.bias", 51.0, 50.0, ("fc.bias",), "no_step"),
+    ],
+}
+
+
+@pytest.mark.parametrize("schema", sorted(ADDED_BY_SCHEMA))
+def test_report_reads_the_logs_of_every_schema(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], schema: int
+) -> None:
+    added = ADDED_BY_SCHEMA[schema]
+    if schema == 3:
+        assert all("cause" in f.to_dict() for f in added)  # the field schema 3 adds
     records = [raw_record(schema=schema)]
-    if schema == 2:  # the kind schema 2 adds
-        records.append(raw_record(schema=2, **cleared.to_dict(), message=cleared.message))
+    records += [raw_record(schema=schema, **f.to_dict(), message=f.message) for f in added]
     (tmp_path / FINDINGS_LOG_NAME).write_text("\n".join(records) + "\n")
     assert main(["report", str(tmp_path), "--json", "--fail-on", "any"]) == EXIT_FINDINGS
+    captured = capsys.readouterr()
+    assert captured.err == ""  # no record skipped as unreadable
+    counts = json.loads(captured.out)["runs"][0]["counts"]
+    expected: dict[str, int] = {"nan": 1}
+    for f in added:
+        expected[f.kind.value] = expected.get(f.kind.value, 0) + 1
+    assert counts == expected
 
 
 def test_newer_schema_with_an_unknown_kind_stops_the_report(

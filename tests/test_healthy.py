@@ -562,3 +562,236 @@ def test_sparse_embedding_with_sparse_adam() -> None:
             opt_dense.step()
     assert watcher.findings == []
     assert watcher.step == 30
+
+
+# ---------------------------------------------------------------- no_update look-alikes
+# The lr-0 and unchanged-weight loops that are not the bug (tests/test_updates.py has the bugs).
+# Each opens an output (log_dir), so the weight norms are taken every 10 steps and judged.
+
+
+def _weights_now(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+class _Regression:
+    """One MSE regression step on synthetic data, as ``train``'s ``step_fn``; keeps the lr of
+    the first group at each step in ``lrs``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> None:
+        self.model, self.opt, self.sched = model, opt, sched
+        self.generator = _data()
+        self.lrs: list[float] = []
+
+    def __call__(self, _: int) -> None:
+        x, y = regression_batch(generator=self.generator)
+        self.opt.zero_grad()
+        nn.functional.mse_loss(self.model(x), y).backward()
+        self.lrs.append(float(self.opt.param_groups[0]["lr"]))
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+
+
+def test_warmup_whose_first_step_has_lr_zero(tmp_path_factory: pytest.TempPathFactory) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 10))
+    step = _Regression(model, opt, sched)
+    before = _weights_now(model)
+    watcher = train(
+        model,
+        opt,
+        steps=25,
+        step_fn=step,
+        log_dir=tmp_path_factory.mktemp("warmup"),
+    )
+    assert step.lrs[0] == 0.0 and step.lrs[1] > 0.0  # step 0 (a weight-norm step) cannot move them
+    assert not _same(before, _weights_now(model))
+    assert watcher.findings == []
+
+
+def test_frozen_backbone_as_a_group_with_lr_zero(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The encoder's group has lr 0 on purpose, its gradients computed and never used, beside
+    the decoder's group that trains: not every group holding gradients has lr 0, and the
+    decoder's weights change."""
+    model = EncoderDecoder()
+    opt = torch.optim.SGD(
+        [
+            {"params": list(model.encoder.parameters()), "lr": 0.0},
+            {"params": list(model.decoder.parameters()), "lr": 0.05},
+        ]
+    )
+    encoder, decoder = _weights_now(model.encoder), _weights_now(model.decoder)
+    watcher = train(
+        model,
+        opt,
+        steps=25,
+        step_fn=_Regression(model, opt),
+        log_dir=tmp_path_factory.mktemp("backbone"),
+    )
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    assert _same(encoder, _weights_now(model.encoder))
+    assert not _same(decoder, _weights_now(model.decoder))
+    assert watcher.findings == []
+
+
+def test_frozen_parameters_given_to_the_optimizer(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``requires_grad_(False)`` on the first layer, and the optimizer built from all of
+    ``model.parameters()``: the frozen ones have no gradient and are not judged."""
+    model = mlp(depth=4)
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    frozen = _weights_now(model[0])
+    watcher = train(
+        model,
+        opt,
+        steps=25,
+        step_fn=_Regression(model, opt),
+        log_dir=tmp_path_factory.mktemp("frozen"),
+    )
+    assert _same(frozen, _weights_now(model[0]))
+    assert watcher.findings == []
+
+
+@pytest.mark.parametrize("where", ["loss", "one layer"])
+def test_steps_skipped_for_nan_leave_the_weights_unchanged(
+    tmp_path_factory: pytest.TempPathFactory, where: str
+) -> None:
+    """``on_nonfinite="skip"`` empties the steps 10 to 19: the weights at step 20 are bit for
+    bit those at step 10, but no step was taken with gradients between. With NaN in one
+    layer only, the step-10 gradients of the other layers are finite and above 0: only the
+    count of steps taken with gradients tells this from the bug."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+    nan_steps = range(10, 20) if where == "one layer" else range(9, 22)
+    at: dict[int, list[torch.Tensor]] = {}
+
+    def step(i: int) -> None:
+        at[i] = _weights_now(model)
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        if i in nan_steps:
+            if where == "loss":
+                loss = loss * float("nan")
+            else:  # a penalty on the last bias only that turns NaN
+                loss = loss + model[4].bias.norm() * float("nan")
+        loss.backward()
+        opt.step()
+
+    watcher = train(
+        model,
+        opt,
+        steps=35,
+        step_fn=step,
+        log_dir=tmp_path_factory.mktemp("skip"),
+        on_nonfinite="skip",
+    )
+    assert _same(at[10], at[20])
+    assert not _same(at[20], at[30])
+    assert {f.kind.value for f in watcher.findings} == {"nan", "skipped_step"}
+    skipped = [f.step for f in watcher.findings if f.kind.value == "skipped_step"]
+    assert skipped == [nan_steps[0]]  # reported once; each step of the run skipped
+    assert watcher.occurrences[(gradwatch.Kind.SKIPPED_STEP, None)] == len(nan_steps)
+
+
+def test_sparse_adam_leaves_rows_untouched(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SparseAdam updates only the rows a batch looked up; the others stay as they were, and
+    the rows it did update change the embedding's norm."""
+    model = _Recommender()
+    opt_sparse = torch.optim.SparseAdam(list(model.embedding.parameters()), lr=1e-2)
+    opt_dense = torch.optim.Adam(model.fc.parameters(), lr=1e-2)
+    g = _data()
+    seen: set[int] = set()
+    before = model.embedding.weight.detach().clone()
+    with gradwatch.watch(
+        model,
+        [opt_sparse, opt_dense],
+        on_finding="record",
+        log_dir=tmp_path_factory.mktemp("sparse"),
+    ) as watcher:
+        for _ in range(25):
+            tokens = torch.randint(0, 50, (4, 3), generator=g)  # rows 50-99: never looked up
+            seen.update(tokens.flatten().tolist())
+            target = tokens.float().mean(dim=1, keepdim=True) / 100
+            opt_sparse.zero_grad()
+            opt_dense.zero_grad()
+            nn.functional.mse_loss(model(tokens), target).backward()
+            opt_sparse.step()
+            opt_dense.step()
+    after = model.embedding.weight.detach()
+    untouched = sorted(set(range(100)) - seen)
+    assert len(untouched) > 50
+    assert torch.equal(before[untouched], after[untouched])
+    assert not torch.equal(before, after)
+    assert watcher.findings == []
+
+
+def test_gradients_exactly_zero_everywhere_with_lr_zero(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Nothing to move: a loss multiplied by 0 (every sample masked out), and lr 0."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        (nn.functional.mse_loss(model(x), y) * 0.0).backward()
+        opt.step()
+
+    before = _weights_now(model)
+    watcher = train(model, opt, steps=25, step_fn=step, log_dir=tmp_path_factory.mktemp("zero"))
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    assert _same(before, _weights_now(model))
+    assert watcher.findings == []
+
+
+def test_cosine_schedule_reaching_lr_zero_at_the_last_step(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The last step of a cosine schedule to 0 has lr exactly 0, at a weight-norm step."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    step = _Regression(model, opt, sched)
+    watcher = train(
+        model,
+        opt,
+        steps=21,
+        step_fn=step,
+        log_dir=tmp_path_factory.mktemp("cosine"),
+    )
+    assert step.lrs[-1] == 0.0 and min(step.lrs[:-1]) > 0.0
+    assert watcher.findings == []
+
+
+def test_float32_training_with_log_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    inner = _Regression(model, opt)
+    moved: list[bool] = []
+
+    def step(i: int) -> None:
+        before = _weights_now(model)
+        inner(i)
+        moved.append(
+            not any(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+        )
+
+    watcher = train(model, opt, steps=40, step_fn=step, log_dir=tmp_path_factory.mktemp("f32"))
+    assert all(moved)  # every parameter changes at every step
+    assert watcher.findings == []

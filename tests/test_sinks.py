@@ -219,6 +219,19 @@ def test_finding_record_keeps_schema_3() -> None:
     assert isinstance(nan["wall_time"], float)
 
 
+def test_finding_record_with_a_cause_and_its_round_trip(tmp_path: pathlib.Path) -> None:
+    """Schema 3's field: ``cause`` right after ``threshold``, read back by ``from_dict``."""
+    finding = Finding(Kind.NO_UPDATE, 4, "fc.bias", 5.0, 0.0, ("fc.bias",), "zero_lr")
+    record = finding_record(finding, rank=0, wall_time=1.0)
+    assert list(record)[6:9] == ["threshold", "cause", "message"]
+    assert record["cause"] == "zero_lr"
+    log = FindingsLog(tmp_path)
+    log.write_finding(finding)
+    log.close()
+    (line,) = _log_lines(tmp_path)
+    assert Finding.from_dict(json.loads(line)) == finding
+
+
 def test_findings_log_lines_are_records_that_round_trip(tmp_path: pathlib.Path) -> None:
     log = FindingsLog(tmp_path, rank=2)
     written = [(NAN_FINDING, None, 2), (INF_FINDING, 3, 3), (MODEL_FINDING, 0, 0)]

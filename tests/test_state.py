@@ -219,6 +219,7 @@ def test_the_runs_give_states_with_history_in_every_field() -> None:
     assert set(two["detectors"]["magnitude"]["totals"]) == {0, 1}
     magnitude = HEALTHY.saved()["detectors"]["magnitude"]
     assert not magnitude["reference"].isnan().any()
+    assert HEALTHY.saved()["detectors"]["no_update"] == {"streak": {0: 0}}  # a group's count
     assert isinstance(RUNS[3].saved()["detectors"], list)  # by position, as 0.1 wrote it
 
 
@@ -268,6 +269,7 @@ def _set(path: tuple[Any, ...], value: Callable[[Any], Any]) -> Callable[[dict[s
 
 MAGNITUDE = ("detectors", "magnitude")
 COVERAGE = ("detectors", "coverage")
+NO_UPDATE = ("detectors", "no_update")
 TRACKER = ("tracker",)
 N = 8  # parameters of HEALTHY's model
 _FINDING = {"kind": "nan", "step": 1, "param": "0.weight", "params": ["0.weight"]}
@@ -345,6 +347,20 @@ CRASHED_BEFORE: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      r"occurrences\[0\]\[2\] must be an int in \[1, 2\*\*62\], got 0"),
     ("occurrence-unknown-kind", _set(("occurrences",), lambda _: [["bogus", None, 1]]),
      r"occurrences\[0\]\[0\] must be one of \['missing_zero_grad', .*got str 'bogus'"),
+    # no_update's zero-lr streaks, one count per optimizer group
+    ("no_update-no-streak", _set(NO_UPDATE, lambda _: {}),
+     r"detectors\.no_update: the state has no key 'streak'$"),
+    ("no_update-unknown-key", _set((*NO_UPDATE, "weights"), lambda _: {}),
+     r"detectors\.no_update: the state has the unknown key 'weights'; it holds exactly the keys "
+     r"\['streak'\]"),
+    ("no_update-streak-a-list", _set((*NO_UPDATE, "streak"), lambda _: [0]),
+     r"detectors\.no_update: streak must be a dict keyed by optimizer group, got list"),
+    ("no_update-group-a-string", _set((*NO_UPDATE, "streak"), lambda s: {"0": s[0]}),
+     r"detectors\.no_update: streak key '0' must be an int in \[0, 2\*\*62\], got str"),
+    ("no_update-count-negative", _set((*NO_UPDATE, "streak", 0), lambda _: -1),
+     r"detectors\.no_update: streak\[0\] must be an int in \[0, 2\*\*62\], got -1$"),
+    ("no_update-count-a-string", _set((*NO_UPDATE, "streak", 0), lambda _: "4"),
+     r"detectors\.no_update: streak\[0\] must be an int in \[0, 2\*\*62\], got str '4'"),
     ("unknown-key", _set(("extra",), lambda _: 1),
      r"state could not be loaded into this watcher: the state has the unknown key 'extra'"),
 ]  # fmt: skip
