@@ -72,3 +72,49 @@ class _PassCounter:
     def _end_pass(self) -> None:
         self._armed = False
         self._passes += 1
+
+
+def is_compiling() -> Callable[[], bool]:
+    """A function telling whether Dynamo is tracing the code that calls it (torch.compile):
+    ``torch.compiler.is_compiling`` from torch 2.3, ``torch._dynamo.is_compiling`` before."""
+    compiler = getattr(torch, "compiler", None)
+    found: Callable[[], bool] | None = getattr(compiler, "is_compiling", None)
+    if found is not None:
+        return found
+    try:
+        from torch import _dynamo
+    except ImportError:  # pragma: no cover - every supported torch has Dynamo
+        return lambda: False
+    dynamo_found: Callable[[], bool] = _dynamo.is_compiling
+    return dynamo_found
+
+
+def clip_functions() -> list[tuple[object, str]]:
+    """The places a training loop finds torch's gradient-clipping functions: (module, name).
+
+    ``torch.nn.utils`` re-exports the functions of ``torch.nn.utils.clip_grad`` (the same
+    objects); both namespaces are listed so that a loop calling either form is seen.
+    ``clip_grads_with_norm_`` exists from torch 2.6.
+    """
+    from torch.nn import utils
+    from torch.nn.utils import clip_grad
+
+    places: list[tuple[object, str]] = []
+    for module in (utils, clip_grad):
+        for name in ("clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_"):
+            if callable(getattr(module, name, None)):
+                places.append((module, name))
+    return places
+
+
+def grad_scaler_class() -> type | None:
+    """The class whose ``unscale_`` every ``GradScaler`` runs: ``torch.amp.GradScaler`` (which
+    ``torch.cuda.amp.GradScaler`` subclasses), ``torch.cuda.amp.GradScaler`` before torch 2.3."""
+    try:
+        from torch.amp.grad_scaler import GradScaler
+    except ImportError:  # pragma: no cover - torch < 2.3
+        try:
+            from torch.cuda.amp.grad_scaler import GradScaler  # type: ignore[assignment]
+        except ImportError:
+            return None
+    return GradScaler

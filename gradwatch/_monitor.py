@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from gradwatch import _options
+from gradwatch import _clipping, _options
 from gradwatch._compat import at_backward_end
 from gradwatch._histograms import (
     COLUMNS,
@@ -42,6 +42,8 @@ from gradwatch.detectors import (
     REGISTRY,
     RELEASE_1_ORDER,
     CheckContext,
+    ClipContext,
+    ClipMoment,
     Detector,
     ParamTable,
     Phase,
@@ -88,6 +90,26 @@ class _PendingCheck:
     flags: int = 0
     """Values after the norms in the host copy: 1 when the gradients of parameters outside the
     watched model were checked too (``on_nonfinite="skip"``), else 0."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Clip:
+    """One call of a clip function on watched parameters, since the last optimizer step."""
+
+    tensors: list[torch.Tensor]
+    first: int
+    """The first judged parameter of the call (watched, updated by a watched optimizer, with a
+    gradient received before)."""
+    group: int
+    """The optimizer updating ``first``."""
+    sequence: int
+    """The tracker's gradient count when the clip ran: a gradient whose arrival is larger came
+    after it."""
+    threshold: float | None
+
+
+CLIPS_KEPT = 8
+"""Clip calls remembered between two optimizer steps (the latest); a loop makes one or two."""
 
 
 class Monitor:
@@ -158,6 +180,12 @@ class Monitor:
         self._no_step_limit = options.no_step_after * accumulation_steps
         if any(d.phase is Phase.NO_STEP for d in self._detectors):
             self.tracker.set_alarm(self._no_step_limit, self._on_overdue)
+        self._position_of = {id(p): i for i, p in enumerate(self._table.params)}
+        self._clips: deque[_Clip] = deque(maxlen=CLIPS_KEPT)
+        self._clip_listening: _clipping.ListenHandle | None = None
+        if any(d.phase is Phase.CLIP for d in self._detectors):
+            # Last: nothing below can fail and leave torch's clip functions wrapped.
+            self._clip_listening = _clipping.listen(self)
 
     @property
     def findings(self) -> list[Finding]:
@@ -187,11 +215,16 @@ class Monitor:
     def close(self) -> None:
         """Report what is still in flight (without raising), flush and close the outputs."""
         try:
+            if self._clip_listening is not None:
+                self._clip_listening.remove()  # torch's functions as they were
+                self._clip_listening = None
             self._drain(block=True, raising=False)
         finally:
             self._sinks.flush()
             self._sinks.close()
             self._table.params.clear()
+            self._position_of.clear()
+            self._clips.clear()
             self._hand = None
 
     # ------------------------------------------------------------------ state
@@ -354,6 +387,7 @@ class Monitor:
         self._steppers.stepped(stepper)
         self._stepping = False
         self._tracker.reset_unstepped()
+        self._clips.clear()
         if self._no_step_limit and len(self._steppers.live()) > 1:
             self._reporter.report(self._stalled_findings(by_hook=False))
 
@@ -450,6 +484,136 @@ class Monitor:
             for group in by_device.values()
         )
 
+    # ------------------------------------------------------------------ where gradients are clipped
+    # Called by the wrappers of :mod:`gradwatch._clipping` around torch's clip functions and
+    # ``GradScaler.unscale_``; host bookkeeping only.
+
+    def clipping(
+        self, tensors: list[torch.Tensor], threshold: float | None
+    ) -> Callable[[], None] | None:
+        """Before a clip of ``tensors``: what it will clip, judged once it has run."""
+        params, position_of = self._table.params, self._position_of
+        if not params:
+            return None
+        tracker = self._tracker
+        received, last_pass = tracker.received, tracker.last_pass
+        steppers = self._steppers.live()
+        judged: list[int] = []
+        reached = used = False
+        owner: Stepper | None = None
+        for tensor in tensors:
+            i = position_of.get(id(tensor))
+            if i is None or params[i] is not tensor or not received[i]:
+                continue
+            mine = next((s for s in steppers if i in s.position_set), None)
+            if mine is None:
+                continue
+            if owner is None:
+                owner = mine
+            judged.append(i)
+            if last_pass[i] >= mine.window_start_pass:
+                reached = True
+                break  # one of this step's gradients: the call is placed after a backward pass
+            used = used or tracker.used_by_step(i, tensor.grad)
+        if owner is None:
+            return None
+        first = judged[0]
+        context = ClipContext(
+            ClipMoment.CLIP,
+            owner.steps - 1 if used and not reached else owner.steps,
+            owner.group,
+            tuple(judged),
+            self._table,
+            tracker,
+            threshold,
+            reached=reached,
+            used=used,
+        )
+        clip = _Clip(tensors, first, owner.group, tracker.sequence, threshold)
+
+        def clipped() -> None:
+            if reached or not used:
+                # A clip after the step would be judged again, as before the next backward.
+                self._clips.append(clip)
+            self._reporter.report(self._run_clip(context))
+
+        return clipped
+
+    def unscaled(self, optimizer: torch.optim.Optimizer) -> None:
+        """After a ``GradScaler`` unscaled ``optimizer``'s gradients."""
+        if not self._table.params:
+            return
+        stepper = self._steppers.get(optimizer)
+        if stepper is None:
+            return
+        clip = self._latest_clip(stepper)
+        tracker = self._tracker
+        before = clip is not None and (
+            clip.sequence >= tracker.arrival[clip.first]
+            and tracker.last_pass[clip.first] >= stepper.window_start_pass
+        )
+        context = ClipContext(
+            ClipMoment.UNSCALE,
+            stepper.steps,
+            stepper.group,
+            self._clipped_positions(stepper, clip) if clip is not None and before else (),
+            self._table,
+            tracker,
+            None if clip is None else clip.threshold,
+            before_unscale=before,
+        )
+        self._reporter.report(self._run_clip(context))
+
+    def _clips_at_check(self, stepper: Stepper, label: int) -> list[Finding]:
+        """At a check: whether the latest clip of the optimizer's parameters since its last
+        step came before their gradient."""
+        clip = self._latest_clip(stepper)
+        self._clips.clear()  # judged once: a step the scaler skips keeps no stale clip
+        tracker = self._tracker
+        if clip is None or tracker.last_pass[clip.first] < stepper.window_start_pass:
+            return []  # no clip, or its first parameter got no gradient in this step
+        before = clip.sequence < tracker.arrival[clip.first]
+        context = ClipContext(
+            ClipMoment.CHECK,
+            label,
+            stepper.group,
+            self._clipped_positions(stepper, clip) if before else (clip.first,),
+            self._table,
+            tracker,
+            clip.threshold,
+            before_gradient=before,
+        )
+        return self._run_clip(context)
+
+    def _latest_clip(self, stepper: Stepper) -> _Clip | None:
+        for clip in reversed(self._clips):
+            if clip.group == stepper.group:
+                return clip
+        return None
+
+    def _clipped_positions(self, stepper: Stepper, clip: _Clip) -> tuple[int, ...]:
+        """The watched parameters of ``clip`` that ``stepper``'s optimizer updates, its first
+        judged one first (read only when the clip is misplaced)."""
+        params, position_of = self._table.params, self._position_of
+        found = [clip.first]
+        for tensor in clip.tensors:
+            i = position_of.get(id(tensor))
+            if (
+                i is not None
+                and i != clip.first
+                and params[i] is tensor
+                and i in stepper.position_set
+            ):
+                found.append(i)
+        return tuple(found)
+
+    def _run_clip(self, context: ClipContext) -> list[Finding]:
+        findings: list[Finding] = []
+        for detector in self._detectors:
+            if detector.phase is Phase.CLIP:
+                findings.extend(detector.clipped(context))
+        return findings
+
     # ------------------------------------------------------------------ front ends driving checks
     # For a front end that decides itself when a check happens (the framework callbacks check
     # from their framework's hooks instead of optimizer step pre-hooks).
@@ -538,7 +702,8 @@ class Monitor:
             learning_rates=learning_rates,
             updates=stepper.updates,
         )
-        findings = self._run(context, Phase.AT_CHECK)
+        findings = self._clips_at_check(stepper, label) if self._clips else []
+        findings += self._run(context, Phase.AT_CHECK)
         norms = self._plan(stepper, positions, grads).norms(grads)
         skipping = self._skip_nonfinite and before_update
         # "skip" promises a step with any non-finite gradient the optimizer is about to use:

@@ -178,6 +178,25 @@ class GradientTracker:
             return False
         return last[0]() is grad and grad._version != last[1]
 
+    def used_by_step(self, index: int, grad: torch.Tensor | None) -> bool:
+        """Whether ``grad`` is exactly what the latest optimizer step recorded for ``index``: the
+        same tensor, not changed in place since, with no backward pass into it since."""
+        self.replay()
+        last = self._last[index]
+        return (
+            grad is not None
+            and last is not None
+            and last[2]
+            and last[0]() is grad
+            and (grad._version == last[1])
+        )
+
+    @property
+    def sequence(self) -> int:
+        """Gradients seen so far (each one's :attr:`arrival` is its number in this count)."""
+        self.replay()
+        return self._sequence
+
     def on_stepped(self, indices: list[int], grads: list[torch.Tensor | None]) -> None:
         self.replay()
         with self._lock:

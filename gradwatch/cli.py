@@ -355,7 +355,7 @@ class _NewerSchema(Exception):
 
 
 def _check_record(record: object) -> dict[str, Any]:
-    """``record`` if it has the fields the report reads, with the types schemas 1 to 3 give
+    """``record`` if it has the fields the report reads, with the types schemas 1 to 4 give
     them: a serialised :class:`~gradwatch.Finding` (``Finding.from_dict`` checks it), its schema
     and its message. Schema 2 only adds kinds (``cleared_before_step``).
 

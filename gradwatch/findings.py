@@ -27,6 +27,7 @@ class Kind(str, Enum):
     CLEARED_BEFORE_STEP = "cleared_before_step"
     STEP_NOT_TAKEN = "step_not_taken"
     NO_UPDATE = "no_update"
+    CLIP_ORDER = "clip_order"
     SKIPPED_STEP = "skipped_step"
 
     def __str__(self) -> str:
@@ -51,7 +52,8 @@ class Finding:
             value entered).
         cause: For a kind with several causes, which one (``step_not_taken``: ``"no_step"``,
             ``"overflow"`` or ``"no_optimizer"``; ``no_update``: ``"zero_lr"`` or
-            ``"unchanged"``); ``None`` otherwise.
+            ``"unchanged"``; ``clip_order``: ``"after_step"``, ``"before_backward"`` or
+            ``"before_unscale"``); ``None`` otherwise.
 
     Example:
         >>> f = Finding(Kind.NAN, step=3, param="fc.weight", params=("fc.weight",))

@@ -61,7 +61,7 @@ def test_findings_log_schema(tmp_path: Path) -> None:
     path = write_log(tmp_path, [EXPLODING])
     (line,) = path.read_text().splitlines()
     record = json.loads(line)
-    assert record["schema"] == 3
+    assert record["schema"] == 4
     assert record["kind"] == "exploding"
     assert record["step"] == 4
     assert record["param"] == "fc.weight"
@@ -100,6 +100,7 @@ ADDED_BY_SCHEMA = {
         Finding(Kind.NO_UPDATE, 20, "fc.weight", 10.0, None, ("fc.weight",), "unchanged"),
         Finding(Kind.STEP_NOT_TAKEN, 51, "fc.bias", 51.0, 50.0, ("fc.bias",), "no_step"),
     ],
+    4: [Finding(Kind.CLIP_ORDER, 1, "fc.bias", 2.0, 1.0, ("fc.bias", "fc.weight"), "after_step")],
 }
 
 
@@ -108,7 +109,7 @@ def test_report_reads_the_logs_of_every_schema(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], schema: int
 ) -> None:
     added = ADDED_BY_SCHEMA[schema]
-    if schema == 3:
+    if schema >= 3:
         assert all("cause" in f.to_dict() for f in added)  # the field schema 3 adds
     records = [raw_record(schema=schema)]
     records += [raw_record(schema=schema, **f.to_dict(), message=f.message) for f in added]
@@ -129,10 +130,10 @@ def test_newer_schema_with_an_unknown_kind_stops_the_report(
     """A kind from a newer gradwatch is not skipped as unreadable (``--fail-on any`` would pass
     on it): the schema is read first, and the report refuses the log."""
     (tmp_path / FINDINGS_LOG_NAME).write_text(
-        raw_record() + "\n" + raw_record(schema=4, kind="from_the_future") + "\n"
+        raw_record() + "\n" + raw_record(schema=5, kind="from_the_future") + "\n"
     )
     assert main(["report", str(tmp_path), "--fail-on", "any"]) == EXIT_BAD_INPUT
-    assert "schema 4, newer than the schema 3" in capsys.readouterr().err
+    assert "schema 5, newer than the schema 4" in capsys.readouterr().err
 
 
 def test_version_and_help() -> None:
@@ -413,7 +414,7 @@ def test_unknown_fail_on_kind_lists_any(tmp_path: Path, capsys: pytest.CaptureFi
     assert exit_info.value.code == EXIT_BAD_INPUT
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.endswith(
-        "unknown kind(s) everything; known kinds: cleared_before_step, exploding, inf, "
+        "unknown kind(s) everything; known kinds: cleared_before_step, clip_order, exploding, inf, "
         "missing_zero_grad, nan, no_grad, no_update, not_in_optimizer, skipped_step, "
         "step_not_taken, unexpected_accumulation, vanishing; or any (every kind)"
     )

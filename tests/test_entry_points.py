@@ -83,7 +83,7 @@ class Bad:
 
 _ALL_KINDS = (
     "missing_zero_grad, unexpected_accumulation, nan, inf, exploding, vanishing, no_grad, "
-    "not_in_optimizer, cleared_before_step, step_not_taken, no_update, skipped_step"
+    "not_in_optimizer, cleared_before_step, step_not_taken, no_update, clip_order, skipped_step"
 )
 _ON_FINDING = r"on_finding must be one of 'warn', 'raise', 'record' or a callable taking a Finding"
 _DIRECTORY = r"log_dir must be a directory \(or a path where one can be created\), got "
@@ -1050,7 +1050,7 @@ def _prepare(root: pathlib.Path) -> None:
         "corrupt": "not json {\n",
         "wrong-types": _record(params=5) + "\n" + _record(step=1.5) + "\n",
         "no-schema": json.dumps({"kind": "nan", "step": 3}) + "\n",
-        "future": _record() + "\n" + _record(schema=4, kind="exploding") + "\n",
+        "future": _record() + "\n" + _record(schema=5, kind="exploding") + "\n",
         "good": _record() + "\n",
         "nested-list": "[" * 100_000 + "]" * 100_000 + "\n",
         "nested-object": '{"a": ' * 100_000 + "1" + "}" * 100_000 + "\n",
@@ -1063,7 +1063,8 @@ def _prepare(root: pathlib.Path) -> None:
 
 
 _USAGE = (
-    r"unknown kind\(s\) {}; known kinds: cleared_before_step, exploding, inf, missing_zero_grad, "
+    r"unknown kind\(s\) {}; known kinds: cleared_before_step, clip_order, exploding, inf, "
+    r"missing_zero_grad, "
     r"nan, no_grad, "
 )
 
@@ -1082,9 +1083,9 @@ COMMANDS: list[Command] = [
             r"read: "),
     Command("report-future-schema", ["report", "{d}/future"], EXIT_BAD_INPUT,
             r"gradwatch report: .*/future/gradwatch-findings\.jsonl:2: written with findings-log "
-            r"schema 4, newer than the schema 3 this gradwatch \(.*\) reads; upgrade gradwatch"),
+            r"schema 5, newer than the schema 4 this gradwatch \(.*\) reads; upgrade gradwatch"),
     Command("report-future-schema-fail-on", ["report", "{d}/future", "--fail-on", "inf"],
-            EXIT_BAD_INPUT, r"schema 4, newer than the schema 3"),
+            EXIT_BAD_INPUT, r"schema 5, newer than the schema 4"),
     Command("report-corrupt-line", ["report", "{d}/corrupt"], EXIT_OK,
             r"gradwatch report: skipped .*/corrupt/gradwatch-findings\.jsonl:1: unreadable "
             r"finding"),

@@ -25,6 +25,7 @@ KIND_VALUES = [
     "cleared_before_step",
     "step_not_taken",
     "no_update",
+    "clip_order",
     "skipped_step",
 ]
 
@@ -41,6 +42,7 @@ ADVICE = {
     Kind.CLEARED_BEFORE_STEP: "Move optimizer.zero_grad() before loss.backward()",
     Kind.STEP_NOT_TAKEN: "Call optimizer.step()",
     Kind.NO_UPDATE: "Check the scheduler or warm-up",
+    Kind.CLIP_ORDER: "after loss.backward() and before optimizer.step()",
     Kind.SKIPPED_STEP: "fix the loss or lower the learning rate",
 }
 

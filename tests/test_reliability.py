@@ -162,7 +162,7 @@ def test_killed_run_keeps_every_reported_finding(tmp_path: pathlib.Path) -> None
     ]
     records = _read_log(log_dir)
     assert [(r["kind"], r["step"], r["param"]) for r in records] == printed
-    assert all(r["schema"] == 3 and r["rank"] == 0 for r in records)
+    assert all(r["schema"] == 4 and r["rank"] == 0 for r in records)
 
     # The event file is readable. Whatever the writer got on disk is a prefix of the run: the
     # total norm of steps 0..k (the NaN step has no finite total), with no gap and no corruption.

@@ -191,13 +191,13 @@ def _log_lines(directory: pathlib.Path) -> list[str]:
     return (directory / FINDINGS_LOG_NAME).read_text(encoding="utf-8").splitlines()
 
 
-def test_finding_record_keeps_schema_3() -> None:
+def test_finding_record_keeps_schema_4() -> None:
     finding = Finding(
         Kind.EXPLODING, 4, "fc.weight", value=math.inf, threshold=1e6, params=("fc.weight", "b")
     )
     record = finding_record(finding, rank=3, wall_time=12.5)
     assert list(record.items()) == [
-        ("schema", 3),
+        ("schema", 4),
         ("kind", "exploding"),
         ("step", 4),
         ("param", "fc.weight"),

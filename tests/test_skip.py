@@ -290,7 +290,7 @@ def test_skipped_step_in_the_findings_log_the_report_and_tensorboard(
     records = [json.loads(line) for line in lines]
     assert [(r["kind"], r["step"]) for r in records] == [("nan", 3), ("skipped_step", 3)]
     skipped = records[1]
-    assert skipped["schema"] == 3
+    assert skipped["schema"] == 4
     assert skipped["param"] is None
     assert skipped["params"] == ["0.weight"]
     assert skipped["value"] == 1.0

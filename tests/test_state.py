@@ -236,10 +236,11 @@ def test_states_of_real_runs_load_and_save_again_unchanged(run: Run) -> None:
     ):  # 0.1's, by position; detectors added since start afresh
         saved["detectors"] = dict(zip(RELEASE_1_ORDER, saved["detectors"], strict=True))
         added = set(state["detectors"]) - set(RELEASE_1_ORDER)
-        assert added == {"cleared", "steps", "no_update"}
+        assert added == {"cleared", "steps", "no_update", "clip_order"}
         assert state["detectors"]["cleared"] == {"streak": {}}
         assert state["detectors"]["steps"] == {}
         assert state["detectors"]["no_update"] == {"streak": {}}
+        assert state["detectors"]["clip_order"] == {"streak": []}
         for name in added:
             saved["detectors"][name] = state["detectors"][name]
     assert state_differences(saved, state) == []

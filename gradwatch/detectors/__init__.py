@@ -11,6 +11,8 @@ from __future__ import annotations
 from gradwatch.detectors.accumulation import AccumulationDetector
 from gradwatch.detectors.base import (
     CheckContext,
+    ClipContext,
+    ClipMoment,
     Coverage,
     Detector,
     Option,
@@ -20,6 +22,7 @@ from gradwatch.detectors.base import (
     StallContext,
 )
 from gradwatch.detectors.cleared import ClearedDetector
+from gradwatch.detectors.clipping import ClipOrderDetector
 from gradwatch.detectors.coverage import CoverageDetector
 from gradwatch.detectors.magnitude import MagnitudeDetector
 from gradwatch.detectors.numerics import NumericsDetector
@@ -35,6 +38,7 @@ REGISTRY: tuple[type[Detector], ...] = (
     ClearedDetector,
     StepsDetector,
     NoUpdateDetector,
+    ClipOrderDetector,
 )
 
 RELEASE_1_ORDER = ("accumulation", "coverage", "numerics", "magnitude")
@@ -74,6 +78,9 @@ __all__ = [
     "AccumulationDetector",
     "CheckContext",
     "ClearedDetector",
+    "ClipContext",
+    "ClipMoment",
+    "ClipOrderDetector",
     "Coverage",
     "CoverageDetector",
     "Detector",

@@ -10,7 +10,9 @@ A detector is one class over :class:`Detector` that declares
 - ``phase``: :attr:`Phase.AT_CHECK` when it needs only the hooks' bookkeeping (it runs at the
   moment of the check, before any device statistics), :attr:`Phase.STATISTICS` when it needs
   the check's norms on the host, :attr:`Phase.NO_STEP` when it judges backward passes that no
-  optimizer step follows (there is no check to run at then).
+  optimizer step follows (there is no check to run at then), :attr:`Phase.CLIP` when it judges
+  where the loop clips gradients (at torch's clip functions, the checks after them, a
+  ``GradScaler``'s unscale).
 
 and is listed once in :data:`gradwatch.detectors.REGISTRY`. What it reads at a check is the
 :class:`CheckContext`: explicit, read-only fields, the same for every detector, so the order of
@@ -44,6 +46,10 @@ class Phase(str, enum.Enum):
     """At the end of a backward pass when more backward passes than ``no_step_after`` allows
     have reached the watched parameters with no optimizer step after them; reads a
     :class:`StallContext` in :meth:`Detector.stalled`."""
+    CLIP = "clip"
+    """Where the loop clips gradients: at a call of torch's clip functions, at a check that
+    follows one, at a ``GradScaler``'s unscale; reads a :class:`ClipContext` in
+    :meth:`Detector.clipped`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +197,56 @@ class StallContext:
     (the overflow a ``GradScaler`` skips steps for); ``None`` when not read."""
 
 
+class ClipMoment(str, enum.Enum):
+    """Which event a :class:`ClipContext` describes."""
+
+    CLIP = "clip"
+    """A call of ``clip_grad_norm_``, ``clip_grad_value_`` or ``clip_grads_with_norm_`` has
+    just clipped gradients of watched parameters."""
+    CHECK = "check"
+    """A check of an optimizer (before its step) after its parameters were clipped since its
+    previous step."""
+    UNSCALE = "unscale"
+    """A ``GradScaler`` has just unscaled the optimizer's gradients."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipContext:
+    """One clip-related event and what the hooks' bookkeeping says about it; what
+    :meth:`Detector.clipped` reads. Host bookkeeping only: no tensor value is read.
+
+    The parameters judged are the watched ones of the clip call that some watched optimizer
+    updates and that have received a gradient before.
+    """
+
+    moment: ClipMoment
+    step: int
+    """The step the event belongs to: for a clip that finds the gradients the last step used,
+    that step; otherwise the step to come."""
+    group: int
+    """The optimizer the event is about (at a clip: the one updating the first judged
+    parameter)."""
+    positions: tuple[int, ...]
+    """The judged parameters of the clip call (of the optimizer ``group`` at a check or an
+    unscale), first the one the facts below were read from."""
+    table: ParamTable
+    tracker: GradientTracker
+    threshold: float | None = None
+    """The clip's ``max_norm`` or ``clip_value`` when it is a host number."""
+    reached: bool = False
+    """At a clip: a backward pass has reached one of ``positions`` since the last step of the
+    optimizer updating it (the clip sees this step's gradients)."""
+    used: bool = False
+    """At a clip where ``reached`` is false: one of ``positions`` still holds exactly the
+    gradient its optimizer's last step used (the same tensor, not changed since)."""
+    before_gradient: bool = False
+    """At a check: the latest clip of the optimizer's parameters since its last step ran before
+    the latest gradient of ``positions[0]`` arrived (it clipped something else)."""
+    before_unscale: bool = False
+    """At an unscale: the optimizer's parameters were clipped after this step's gradient of
+    ``positions[0]`` arrived, before this unscale (while still multiplied by the scale)."""
+
+
 class Detector:
     """Base of every detector: declarations, and do-nothing state.
 
@@ -214,6 +270,10 @@ class Detector:
 
     def stalled(self, ctx: StallContext) -> list[Finding]:
         """Findings about backward passes that no step followed (:attr:`Phase.NO_STEP`)."""
+        return []
+
+    def clipped(self, ctx: ClipContext) -> list[Finding]:
+        """Findings about where gradients are clipped (:attr:`Phase.CLIP`)."""
         return []
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,23 +12,23 @@ from gradwatch.findings import Finding
 from gradwatch.sinks.base import Sink
 
 FINDINGS_LOG_NAME = "gradwatch-findings.jsonl"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The findings log's record format. 2 adds the kind ``cleared_before_step`` to the fields of 1;
 3 adds the kinds ``step_not_taken`` and ``no_update`` and the field ``cause`` (present only on a
-finding of a kind with several causes). A reader of an older schema cannot read every record, so
-it must refuse the log, not skip lines."""
+finding of a kind with several causes); 4 adds the kind ``clip_order``. A reader of an older
+schema cannot read every record, so it must refuse the log, not skip lines."""
 
 
 def finding_record(
     finding: Finding, *, rank: int = 0, wall_time: float | None = None
 ) -> dict[str, Any]:
-    """The JSON object the findings log holds for ``finding`` (schema version 3):
+    """The JSON object the findings log holds for ``finding`` (schema version 4):
     :meth:`Finding.to_dict` with ``schema`` first and ``message``, ``wall_time``, ``rank`` last.
 
     Example:
         >>> from gradwatch import Finding, Kind
         >>> finding_record(Finding(Kind.INF, 2, "w", value=float("inf")), wall_time=0.0)
-        {'schema': 3, 'kind': 'inf', 'step': 2, 'param': 'w', 'params': [], 'value': 'inf',
+        {'schema': 4, 'kind': 'inf', 'step': 2, 'param': 'w', 'params': [], 'value': 'inf',
          'threshold': None, 'message': "step 2: the gradient of 'w' holds ...",
          'wall_time': 0.0, 'rank': 0}
     """
