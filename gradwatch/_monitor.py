@@ -183,8 +183,9 @@ class Monitor:
         self._position_of = {id(p): i for i, p in enumerate(self._table.params)}
         self._clips: deque[_Clip] = deque(maxlen=CLIPS_KEPT)
         self._clip_listening: _clipping.ListenHandle | None = None
-        if any(d.phase is Phase.CLIP for d in self._detectors):
-            # Last: nothing below can fail and leave torch's clip functions wrapped.
+        if any(d.phase is Phase.CLIP and set(d.kinds) - options.ignore for d in self._detectors):
+            # Last: nothing below can fail and leave torch's clip functions wrapped. With every
+            # kind of the clip detectors ignored, torch is not touched at all.
             self._clip_listening = _clipping.listen(self)
 
     @property

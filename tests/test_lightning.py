@@ -25,6 +25,7 @@ from torch import nn
 
 from gradwatch import GradientError, GradWatchError, GradWatchWarning, Kind
 from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME
+from tests.helpers.clipping import clip_spy
 from tests.helpers.contract import state_differences
 from tests.helpers.models import GAN, EncoderDecoder
 
@@ -281,10 +282,20 @@ def test_declared_accumulation_is_read_from_the_trainer(
     assert strict.findings[0].step == 0
 
 
-def test_gradient_clipping_is_not_a_finding(lpl: ModuleType, tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradient_clipping_is_not_a_finding(
+    lpl: ModuleType, tmp_path: pathlib.Path, algorithm: str, accumulate: int
+) -> None:
     callback = record()
-    fit(lpl, modules(lpl).Regressor(lr=0.1), [callback], tmp_path, gradient_clip_val=0.05)
+    with clip_spy() as spy:
+        fit(
+            lpl, modules(lpl).Regressor(lr=0.1), [callback], tmp_path, steps=6,
+            gradient_clip_val=0.05, gradient_clip_algorithm=algorithm,
+            accumulate_grad_batches=accumulate,
+        )  # fmt: skip
     assert callback.findings == []
+    assert spy.clips == [0.05] * 6  # Lightning's clipping went through the wrappers, judged
 
 
 def test_checked_gradient_is_unclipped(lpl: ModuleType, tmp_path: pathlib.Path) -> None:

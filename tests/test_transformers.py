@@ -24,6 +24,7 @@ from gradwatch import GradientError, GradWatchWarning, Kind
 from gradwatch.findings import GradWatchTypeError, GradWatchValueError
 from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME
 from gradwatch.transformers import GradWatchCallback
+from tests.helpers.clipping import clip_spy
 from tests.helpers.transformers_models import (
     BertWithAuxHead,
     NanLossTrainer,
@@ -179,8 +180,10 @@ def test_detached_head_gets_no_gradient(tmp_path: pathlib.Path) -> None:
 
 def test_accumulation_is_read_from_the_arguments(tmp_path: pathlib.Path) -> None:
     callback = record()
-    train(tmp_path, callback, gradient_accumulation_steps=2, max_steps=3)
+    with clip_spy() as spy:
+        train(tmp_path, callback, gradient_accumulation_steps=2, max_steps=3)
     assert callback.findings == []
+    assert spy.clips == [1.0] * 3  # the Trainer's max_grad_norm, once per step, judged
     assert callback.step == 3
     # The same run declaring one backward pass per step: the second pass is reported.
     strict = record(accumulation_steps=1)
