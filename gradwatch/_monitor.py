@@ -182,6 +182,9 @@ class Monitor:
             self.tracker.set_alarm(self._no_step_limit, self._on_overdue)
         self._position_of = {id(p): i for i, p in enumerate(self._table.params)}
         self._clips: deque[_Clip] = deque(maxlen=CLIPS_KEPT)
+        self._clip_sites: dict[int, int] = {}
+        """Per optimizer group, the first judged parameter of its latest clip: the call an
+        unscale with no clip since the step judges well placed."""
         self._clip_listening: _clipping.ListenHandle | None = None
         if any(d.phase is Phase.CLIP and set(d.kinds) - options.ignore for d in self._detectors):
             # Last: nothing below can fail and leave torch's clip functions wrapped. With every
@@ -536,6 +539,7 @@ class Monitor:
             if reached or not used:
                 # A clip after the step would be judged again, as before the next backward.
                 self._clips.append(clip)
+                self._clip_sites[clip.group] = clip.first
             self._reporter.report(self._run_clip(context))
 
         return clipped
@@ -553,11 +557,16 @@ class Monitor:
             clip.sequence >= tracker.arrival[clip.first]
             and tracker.last_pass[clip.first] >= stepper.window_start_pass
         )
+        if clip is not None:
+            positions = self._clipped_positions(stepper, clip) if before else (clip.first,)
+        else:
+            site = self._clip_sites.get(stepper.group)
+            positions = () if site is None else (site,)
         context = ClipContext(
             ClipMoment.UNSCALE,
             stepper.steps,
             stepper.group,
-            self._clipped_positions(stepper, clip) if clip is not None and before else (),
+            positions,
             self._table,
             tracker,
             None if clip is None else clip.threshold,

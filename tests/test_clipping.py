@@ -662,3 +662,29 @@ def test_a_bad_state_is_refused_naming_the_field(
     with pytest.raises(error, match=match):
         detector.load_state_dict(state)
     assert detector.state_dict() == {"streak": [["clip", 0, 1]]}  # left as it was
+
+
+def test_an_unscale_before_the_clip_restarts_the_count() -> None:
+    """Clipped before the unscale at steps 0, 2 and 4, after it at steps 1, 3 and 5: never two
+    in a row, silent; then two in a row (6 and 7), reported at 7."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    g = _data()
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        early = i % 2 == 0 or i >= 6
+        if early:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.unscale_(opt)
+        if not early:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+
+    assert train(model, opt, steps=6, step_fn=step).findings == []
+    watcher = train(model, opt, steps=8, step_fn=step)
+    assert [(f.cause, f.step, f.value) for f in watcher.findings] == [(BEFORE_UNSCALE, 7, 2.0)]

@@ -228,7 +228,9 @@ class ClipContext:
     parameter)."""
     positions: tuple[int, ...]
     """The judged parameters of the clip call (of the optimizer ``group`` at a check or an
-    unscale), first the one the facts below were read from."""
+    unscale), first the one the facts below were read from. At an unscale with no clip since
+    the step, the first judged parameter of that optimizer's latest clip (empty when it never
+    clipped)."""
     table: ParamTable
     tracker: GradientTracker
     threshold: float | None = None
