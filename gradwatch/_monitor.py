@@ -178,6 +178,7 @@ class Monitor:
         """Inside a watched ``optimizer.step()``: backward passes there (a closure) are used."""
         self._hand: _HandSteps | None = None
         self._no_step_limit = options.no_step_after * accumulation_steps
+        self._no_optimizer_reported = False
         if any(d.phase is Phase.NO_STEP for d in self._detectors):
             self.tracker.set_alarm(self._no_step_limit, self._on_overdue)
         self._position_of = {id(p): i for i, p in enumerate(self._table.params)}
@@ -439,34 +440,42 @@ class Monitor:
 
     def _stalled_findings(self, *, by_hook: bool) -> list[Finding]:
         """The ``step_not_taken`` findings of every optimizer whose parameters more than the
-        limit of backward passes reached since its last step (each judged once until it steps);
-        from the hook, also when no optimizer is known at all."""
+        limit of backward passes reached since its last step (each reported once until it
+        steps); from the hook, also when no optimizer is known at all (once).
+
+        From the hook, at the end of a backward pass, that pass is not counted: a step may
+        still follow it. After another optimizer's step, every pass before it counts.
+        """
         tracker = self._tracker
-        passes, limit = tracker.backward_passes, self._no_step_limit
+        limit = self._no_step_limit
         last_pass = tracker.last_pass
-        stalled: list[tuple[int, tuple[int, ...]]] = []
+        stalled: list[tuple[int, tuple[int, ...], int]] = []
         steppers = self._steppers.live()
         for stepper in steppers:
-            start = stepper.window_start_pass
-            if stepper.stall_reported or passes - start <= limit:
+            if stepper.stall_reported:
+                continue
+            own = tracker.group_passes(stepper.group) - stepper.window_start_reach
+            if by_hook and tracker.in_latest_pass(stepper.group):
+                own -= 1
+            if own <= limit:
                 continue
             stepper.stall_reported = True
+            start = stepper.window_start_pass
             reached = tuple(i for i in stepper.positions if last_pass[i] >= start)
-            if reached:
-                stalled.append((stepper.group, reached))
-        if not stalled and (steppers or not by_hook):
-            return []
+            stalled.append((stepper.group, reached, own))
+        if not stalled:
+            if steppers or not by_hook or self._no_optimizer_reported:
+                return []
+            self._no_optimizer_reported = True
         context = StallContext(
             step=self.step,
-            passes=tracker.unstepped
-            if by_hook
-            else passes - min(s.window_start_pass for s in steppers),
+            passes=max((n for _, _, n in stalled), default=tracker.unstepped - 1),
             limit=limit,
             table=self._table,
             tracker=tracker,
             stalled=tuple(stalled),
             optimizers_known=bool(steppers),
-            nonfinite=self._nonfinite([i for _, reached in stalled for i in reached]),
+            nonfinite=self._nonfinite([i for _, reached, _ in stalled for i in reached]),
         )
         findings: list[Finding] = []
         for detector in self._detectors:

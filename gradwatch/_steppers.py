@@ -73,6 +73,8 @@ class Stepper:
     group_of: dict[int, int] = dataclasses.field(default_factory=dict)
     """The index of the parameter group holding each watched position."""
     window_start_pass: int = 0
+    window_start_reach: int = 0
+    """The tracker's count of passes into this optimizer's parameters at its last step."""
     reached_passes: int = 0
     """Backward passes that gave gradients to at least one of this optimizer's parameters."""
     counted_passes: int = 0
@@ -131,6 +133,11 @@ class Steppers:
             stepper.steps = self.saved_steps.get(stepper.group, stepper.steps)
         self._step = max((*self.saved_steps.values(), *(s.steps for s in self)), default=0)
         self._param_steps[:] = self._step
+        # The checkpoint's pass count replaced the tracker's: every window starts from it.
+        passes = self._tracker.backward_passes
+        for stepper in self:
+            stepper.window_start_pass = stepper.counted_passes = passes
+            stepper.window_start_reach = self._tracker.group_passes(stepper.group)
 
     def get(self, optimizer: torch.optim.Optimizer) -> Stepper | None:
         """The optimizer's stepper, adopted when following all; ``None`` when it updates no
@@ -164,6 +171,7 @@ class Steppers:
         stepper.stall_reported = False
         stepper.steps += 1
         stepper.window_start_pass = self._tracker.backward_passes
+        stepper.window_start_reach = self._tracker.group_passes(stepper.group)
         stepper.state = StepState.READY
         counts = self._param_steps
         at = stepper.position_array
@@ -239,6 +247,7 @@ class Steppers:
         stepper = Stepper(group=self._next_group, optimizer=weakref.ref(optimizer))
         self._refresh(stepper, optimizer)
         stepper.window_start_pass = self._tracker.backward_passes
+        stepper.window_start_reach = self._tracker.group_passes(stepper.group)
         at = stepper.position_array
         start = int(self._param_steps[at].max()) if len(at) else 0
         stepper.steps = self.saved_steps.get(stepper.group, start)
@@ -260,6 +269,7 @@ class Steppers:
         stepper.position_set = frozenset(stepper.group_of)
         stepper.positions = sorted(stepper.position_set)
         stepper.position_array = np.array(stepper.positions, dtype=np.intp)
+        self._tracker.set_group(stepper.positions, stepper.group)
         stepper.outside = [
             (g, i)
             for g, group in enumerate(groups)

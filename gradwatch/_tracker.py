@@ -56,11 +56,41 @@ class GradientTracker:
         self.unstepped = 0
         self._alarm_after: int | None = None
         self._alarm: Callable[[], None] | None = None
+        # Backward passes that reached the parameters of each optimizer (by its group number),
+        # and the latest pass counted for it.
+        self._group_of = [-1] * num_params
+        self._group_passes: list[int] = []
+        self._group_pass: list[int] = []
 
     def set_alarm(self, after: int, alarm: Callable[[], None]) -> None:
         """Call ``alarm()`` from the hook when a backward pass begins while more than ``after``
-        earlier ones had no :meth:`reset_unstepped` after them (once until the next reset)."""
+        earlier ones had no :meth:`reset_unstepped` after them, and again every ``after``
+        passes until the next reset."""
         self._alarm_after, self._alarm = after, alarm
+
+    def set_group(self, positions: list[int], group: int) -> None:
+        """Count the backward passes that reach ``positions`` as passes into the optimizer
+        numbered ``group`` (:meth:`group_passes`); a position belongs to one group, the latest
+        set."""
+        self.replay()
+        with self._lock:
+            grow = group + 1 - len(self._group_passes)
+            if grow > 0:
+                self._group_passes.extend([0] * grow)
+                self._group_pass.extend([-1] * grow)
+            for i in positions:
+                self._group_of[i] = group
+
+    def group_passes(self, group: int) -> int:
+        """Backward passes that reached at least one parameter of the optimizer numbered
+        ``group`` since it was set (each pass counted once)."""
+        self.replay()
+        return self._group_passes[group] if group < len(self._group_passes) else 0
+
+    def in_latest_pass(self, group: int) -> bool:
+        """Whether the latest backward pass reached a parameter of ``group``."""
+        self.replay()
+        return group < len(self._group_pass) and self._group_pass[group] == self._backward_passes
 
     def reset_unstepped(self) -> None:
         """An optimizer step: the passes so far were used."""
@@ -124,7 +154,12 @@ class GradientTracker:
             self._hook_pass = pass_id
             self.unstepped += 1
             after = self._alarm_after
-            if after is not None and self.unstepped == after + 2 and self._alarm is not None:
+            if (
+                after is not None
+                and self.unstepped >= after + 2
+                and (self.unstepped - after - 2) % after == 0
+                and self._alarm is not None
+            ):
                 self._alarm()
         self._events.append((index, weakref.ref(grad), grad._version, pass_id))
         if len(self._events) > self._replay_at:  # backward after backward with no check
@@ -137,6 +172,11 @@ class GradientTracker:
             return
         with self._lock:
             last_seen = self._last
+            group_of, group_pass, group_passes = (
+                self._group_of,
+                self._group_pass,
+                self._group_passes,
+            )
             while events:
                 index, ref, version, pass_id = events.popleft()
                 if pass_id != self._pass_id:
@@ -164,6 +204,10 @@ class GradientTracker:
                 self._sequence += 1
                 self._arrival[index] = self._sequence
                 self._last_pass[index] = self._backward_passes - 1
+                group = group_of[index]
+                if group >= 0 and group_pass[group] != self._backward_passes:
+                    group_pass[group] = self._backward_passes
+                    group_passes[group] += 1
 
     def changed_since_accumulated(self, index: int, grad: torch.Tensor) -> bool:
         """Whether ``grad`` is the tensor the latest backward pass accumulated into for

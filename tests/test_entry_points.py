@@ -271,6 +271,18 @@ BAD_KEYWORDS: list[Bad] = [
         r"vanish_steps must be an int >= 1, got bool True"),
     Bad("vanish_steps=2.0", {"vanish_steps": 2.0}, TE,
         r"vanish_steps must be an int >= 1, got float 2\.0"),
+    # no_step_after: int >= 1
+    Bad("no_step_after=0", {"no_step_after": 0}, VE, r"no_step_after must be an int >= 1, got 0"),
+    Bad("no_step_after=-1", {"no_step_after": -1}, VE,
+        r"no_step_after must be an int >= 1, got -1"),
+    Bad("no_step_after=1.5", {"no_step_after": 1.5}, TE,
+        r"no_step_after must be an int >= 1, got float 1\.5"),
+    Bad("no_step_after=True", {"no_step_after": True}, TE,
+        r"no_step_after must be an int >= 1, got bool True"),
+    Bad("no_step_after='3'", {"no_step_after": "3"}, TE,
+        r"no_step_after must be an int >= 1, got str '3'"),
+    Bad("no_step_after=None", {"no_step_after": None}, TE,
+        r"no_step_after must be an int >= 1, got NoneType None"),
     # ignore: kinds or their names
     Bad("ignore=unknown-kind", {"ignore": ["nan", "nonsense"]}, VE,
         rf"ignore must be kinds \(or their names\) among {_ALL_KINDS}, got \['nan', 'nonsense'\]"),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -794,4 +798,398 @@ def test_float32_training_with_log_dir(tmp_path_factory: pytest.TempPathFactory)
 
     watcher = train(model, opt, steps=40, step_fn=step, log_dir=tmp_path_factory.mktemp("f32"))
     assert all(moved)  # every parameter changes at every step
+    assert watcher.findings == []
+
+
+# ---------------------------------------------------------------- step_not_taken look-alikes
+# Backward passes that no step follows at once, and that are not the bug (tests/test_steps.py
+# has the bugs). Each runs with a small no_step_after, so the limit is tight.
+
+
+def test_declared_accumulation_at_a_limit_of_one_window() -> None:
+    """Four passes per step, declared: the limit is ``1 * 4``. Undeclared, the third pass
+    would begin with more than one before it."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+    k = 4
+
+    def step(_: int) -> None:
+        for _micro in range(k):
+            x, y = regression_batch(batch=8, generator=g)
+            (nn.functional.mse_loss(model(x), y) / k).backward()
+        opt.step()
+        opt.zero_grad()
+
+    watcher = train(model, opt, steps=10, step_fn=step, accumulation_steps=k, no_step_after=1)
+    assert watcher.findings == []
+    assert watcher.step == 10
+
+
+def test_evaluation_under_no_grad_between_steps() -> None:
+    """Twenty evaluation batches after every step: forward passes only, no backward pass."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+    inner = _Regression(model, opt)
+    evaluated = 0
+
+    def step(i: int) -> None:
+        nonlocal evaluated
+        inner(i)
+        model.eval()
+        with torch.no_grad():
+            for _ in range(20):
+                x, y = regression_batch(generator=g)
+                nn.functional.mse_loss(model(x), y)
+                evaluated += 1
+        model.train()
+
+    watcher = train(model, opt, steps=5, step_fn=step, no_step_after=1)
+    assert evaluated == 100
+    assert watcher.findings == []
+    assert watcher.step == 5
+
+
+def test_input_gradients_between_steps() -> None:
+    """Saliency maps between steps: ``torch.autograd.grad`` with respect to the inputs leaves
+    the parameters' ``.grad`` alone, so none of these passes reaches a watched parameter."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = _data()
+    inner = _Regression(model, opt)
+
+    def step(i: int) -> None:
+        inner(i)
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        for _ in range(5):
+            x, _y = regression_batch(generator=g)
+            x.requires_grad_(True)
+            (saliency,) = torch.autograd.grad(model(x).sum(), x)
+            assert saliency.shape == x.shape
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
+
+    watcher = train(model, opt, steps=5, step_fn=step, no_step_after=1)
+    assert watcher.findings == []
+
+
+def test_grad_scaler_skipping_the_first_steps_while_its_scale_backs_off() -> None:
+    """float16 autocast with ``init_scale=2**40``: the scaled gradients overflow and the scaler
+    skips the first 23 steps, halving its scale each time, then trains. 23 passes with no step
+    after them stay below the default limit of 50."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    g = _data()
+    stepped: list[bool] = []
+    with gradwatch.watch(model, opt, on_finding="record") as watcher:
+        for _ in range(30):
+            x, y = regression_batch(generator=g)
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = model(x)
+            before = watcher.step
+            scaler.scale(nn.functional.mse_loss(out.float(), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+            stepped.append(watcher.step > before)
+    assert stepped[:23] == [False] * 23 and all(stepped[23:28])
+    assert scaler.get_scale() < 2.0**40 / 2**20
+    assert watcher.step == stepped.count(True)
+    assert watcher.findings == []
+
+
+def test_wgan_five_critic_steps_per_generator_step_at_a_limit_of_three() -> None:
+    """The critic steps after each of its passes. The generator's pass (which also fills the
+    critic's gradients) is followed by the generator's step; the five critic passes between
+    two generator steps do not reach the generator."""
+    gan = GAN()
+    opt_g = torch.optim.RMSprop(gan.generator.parameters(), lr=5e-4)
+    opt_d = torch.optim.RMSprop(gan.discriminator.parameters(), lr=5e-4)
+    g = _data()
+    generator = _weights_now(gan.generator)
+    with gradwatch.watch(gan, [opt_g, opt_d], on_finding="record", no_step_after=3) as watcher:
+        for _ in range(6):
+            for _ in range(5):
+                real = torch.randn(16, 2, generator=g) * 0.5 + 2.0
+                fake = gan.generator(torch.randn(16, 4, generator=g)).detach()
+                opt_d.zero_grad()
+                (gan.discriminator(fake).mean() - gan.discriminator(real).mean()).backward()
+                opt_d.step()
+            opt_g.zero_grad()
+            (-gan.discriminator(gan.generator(torch.randn(16, 4, generator=g))).mean()).backward()
+            assert all(p.grad is not None for p in gan.discriminator.parameters())
+            opt_g.step()
+    assert not _same(generator, _weights_now(gan.generator))
+    assert watcher.findings == []
+    assert watcher.step == 30
+
+
+def test_lbfgs_with_thirty_closure_evaluations_per_step() -> None:
+    """Every backward pass runs inside ``optimizer.step()``: thirty per step, none counted."""
+    model = mlp(width=16)
+    opt = torch.optim.LBFGS(
+        model.parameters(), lr=0.5, max_iter=30, tolerance_grad=0.0, tolerance_change=0.0
+    )
+    x, y = regression_batch(generator=_data())
+    evaluations: list[int] = []
+
+    def step(_: int) -> None:
+        evaluations.append(0)
+
+        def closure() -> torch.Tensor:
+            evaluations[-1] += 1
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    watcher = train(model, opt, steps=3, step_fn=step, no_step_after=5)
+    assert evaluations == [30, 30, 30]
+    assert watcher.findings == []
+    assert watcher.step == 3
+
+
+def test_lightning_accumulate_grad_batches_at_a_limit_of_one_window(
+    tmp_path: pathlib.Path,
+) -> None:
+    """``accumulate_grad_batches=4``: the callback reads it, so the limit is ``1 * 4``; three
+    passes of each window run outside ``optimizer.step()``, the fourth in its closure."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradwatch.lightning import GradWatchCallback
+
+    class Regressor(pl.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = EncoderDecoder()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.model(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16 * 16, 8, generator=generator)
+    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
+
+    def fit(callback: Any) -> Any:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=4,
+            accumulate_grad_batches=4,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path),
+            callbacks=[callback],
+        )
+        trainer.fit(Regressor(), torch.utils.data.DataLoader(data, batch_size=16))
+        return trainer
+
+    callback = GradWatchCallback(on_finding="record", log_dir=False, no_step_after=1)
+    trainer = fit(callback)
+    assert callback.accumulation_steps is None  # read from the Trainer
+    assert trainer.global_step == callback.step == 4
+    assert callback.findings == []
+    # The same run declaring one pass per step: the limit is 1, and the third pass is reported,
+    # with the two before it that no step followed.
+    strict = GradWatchCallback(
+        on_finding="record", log_dir=False, no_step_after=1, accumulation_steps=1
+    )
+    fit(strict)
+    assert [(f.kind, f.cause, f.step, f.value, f.threshold) for f in strict.findings] == [
+        (gradwatch.Kind.STEP_NOT_TAKEN, "no_step", 0, 2.0, 1.0),
+        (gradwatch.Kind.UNEXPECTED_ACCUMULATION, None, 0, 4.0, 1.0),
+    ]
+
+
+def test_resumed_run_steps_on() -> None:
+    """A state saved after ten healthy steps and loaded into a new watcher: the next steps are
+    as healthy as the first ten."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    step = _Regression(model, opt)
+    first = train(model, opt, steps=10, step_fn=step, no_step_after=1)
+    with gradwatch.watch(model, opt, on_finding="record", no_step_after=1) as resumed:
+        resumed.load_state_dict(first.state_dict())
+        for i in range(10):
+            step(i)
+    assert resumed.step == 20
+    assert resumed.findings == []
+
+
+# ---------------------------------------------------------------- clip_order look-alikes
+# Clipping done right in the places loops put it. Lightning's gradient_clip_val and the
+# transformers Trainer's max_grad_norm run in tests/test_lightning.py and
+# tests/test_transformers.py.
+
+
+def _clipped_regression(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    clip: Callable[[], object],
+    *,
+    micro_batches: int = 1,
+) -> Callable[[int], None]:
+    g = _data()
+
+    def step(_: int) -> None:
+        opt.zero_grad()
+        for _ in range(micro_batches):
+            x, y = regression_batch(generator=g)
+            (nn.functional.mse_loss(model(x), y) / micro_batches).backward()
+            clip()
+        opt.step()
+
+    return step
+
+
+def test_clip_grad_norm_with_foreach_before_step() -> None:
+    model = cnn_bn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = _data()
+
+    def step(_: int) -> None:
+        x = torch.randn(8, 1, 8, 8, generator=g)
+        y = torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=True)
+        torch.nn.utils.clip_grad_value_(model.parameters(), 0.1, foreach=True)
+        opt.step()
+
+    watcher = train(model, opt, steps=10, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_clipping_only_the_head() -> None:
+    model = EncoderDecoder()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = _clipped_regression(
+        model, opt, lambda: torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), 0.1)
+    )
+    watcher = train(model, opt, steps=10, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_clip_after_every_micro_batch_of_declared_accumulation() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    step = _clipped_regression(
+        model, opt, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5), micro_batches=4
+    )
+    watcher = train(model, opt, steps=8, step_fn=step, accumulation_steps=4)
+    assert watcher.findings == []
+
+
+def test_clipping_through_the_clip_grad_module() -> None:
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    clip_grad = torch.nn.utils.clip_grad
+    step = _clipped_regression(
+        model, opt, lambda: clip_grad.clip_grad_value_(model.parameters(), 0.05)
+    )
+    watcher = train(model, opt, steps=8, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_alternating_heads_clipping_every_parameter() -> None:
+    """The idle head's gradient is the one an earlier step used (zero_grad(set_to_none=False)
+    keeps its tensor): the reached trunk makes the call well placed."""
+    model = TwoHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = _data()
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad(set_to_none=False)
+        nn.functional.mse_loss(model(x, "a" if i % 2 == 0 else "b"), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+
+    watcher = train(model, opt, steps=12, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_lbfgs_clipping_inside_the_closure() -> None:
+    model = mlp(width=8)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            return loss
+
+        opt.step(closure)
+
+    watcher = train(model, opt, steps=6, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_gan_clipping_each_network_before_its_step() -> None:
+    """The generator's backward also fills the discriminator's gradients; each network is
+    clipped after its own backward; then the same with one clip over the whole GAN."""
+    for whole in (False, True):
+        gan = GAN()
+        opt_g = torch.optim.Adam(gan.generator.parameters(), lr=2e-3, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(gan.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.999))
+        g = _data()
+        bce = nn.functional.binary_cross_entropy_with_logits
+        clip = torch.nn.utils.clip_grad_norm_
+        with gradwatch.watch(gan, [opt_g, opt_d], on_finding="record") as watcher:
+            for _ in range(10):
+                real = torch.randn(16, 2, generator=g) * 0.5 + 2.0
+                fake = gan.generator(torch.randn(16, 4, generator=g))
+                opt_d.zero_grad()
+                d_real, d_fake = gan.discriminator(real), gan.discriminator(fake.detach())
+                (
+                    bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
+                ).backward()
+                clip(gan.parameters() if whole else gan.discriminator.parameters(), 1.0)
+                opt_d.step()
+                opt_g.zero_grad()
+                d_fake = gan.discriminator(fake)
+                bce(d_fake, torch.ones_like(d_fake)).backward()
+                clip(gan.parameters() if whole else gan.generator.parameters(), 1.0)
+                opt_g.step()
+        assert watcher.findings == []
+        assert watcher.step == 10
+
+
+def test_grad_scaler_overflow_steps_with_unscale_and_clip() -> None:
+    """Dynamic loss scaling skips the steps whose scaled gradients overflow; the clip of a
+    skipped step is not carried into the next one."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
+    g = _data()
+    scales: list[float] = []
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        if i in (2, 3):
+            loss = loss * 1e35  # scaled by 2**16, the gradients overflow float32
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+
+    watcher = train(model, opt, steps=8, step_fn=step)
+    assert scales[2] == 2.0**15 and scales[3] == 2.0**14  # both steps were skipped
     assert watcher.findings == []

@@ -7,6 +7,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -93,6 +94,7 @@ def test_defaults_are_documented_values() -> None:
         history=32,
         vanish_ratio=1e-3,
         vanish_steps=5,
+        no_step_after=50,
         ignore=frozenset(),
     )
 
@@ -110,6 +112,8 @@ def test_defaults_are_documented_values() -> None:
             {"ignore": frozenset({Kind.VANISHING, Kind.NO_GRAD})},
         ),
         ({"vanish_ratio": 0.5, "vanish_steps": 1}, {"vanish_ratio": 0.5, "vanish_steps": 1}),
+        ({"no_step_after": 1}, {"no_step_after": 1}),
+        ({"no_step_after": np.int64(7)}, {"no_step_after": 7}),
     ],
 )
 def test_valid_options_are_kept(

@@ -181,15 +181,18 @@ class StallContext:
     step: int
     """The watched parameters' step count (the step the passes belong to)."""
     passes: int
-    """Backward passes that reached watched parameters since the last optimizer step (or since
-    watching began) with no step after them: those before this one, which ended just now."""
+    """Backward passes with no step after them: the most of any optimizer in ``stalled``
+    (passes into its parameters since its last step); with no optimizer known, the passes that
+    reached watched parameters since watching began. At the end of a backward pass, that pass
+    is not counted (a step may still follow it)."""
     limit: int
     """``no_step_after * accumulation_steps``."""
     table: ParamTable
     tracker: GradientTracker
-    stalled: tuple[tuple[int, tuple[int, ...]], ...]
-    """Per watched optimizer that those passes reached: its group and the positions of its
-    parameters they reached. Empty when no optimizer is known to update the parameters."""
+    stalled: tuple[tuple[int, tuple[int, ...], int], ...]
+    """Per watched optimizer whose parameters more than ``limit`` passes reached since its last
+    step: its group, the positions of its parameters they reached, and how many passes. Empty
+    when no optimizer is known to update the parameters."""
     optimizers_known: bool
     """Whether any optimizer has been watched (given, or seen stepping)."""
     nonfinite: bool | None

@@ -50,13 +50,14 @@ def _step_not_taken(f: Finding) -> str:
 class StepsDetector(Detector):
     """Reports ``step_not_taken``, at most once between two steps.
 
-    ``no_step_after``: the finding is made at the end of a backward pass once more than
-    ``no_step_after * accumulation_steps`` backward passes have reached the watched parameters
-    with no optimizer step of a watched optimizer after them. Passes inside ``optimizer.step()``
-    (the closure of LBFGS or of Lightning) do not count. It names the parameters of each watched
-    optimizer those passes reached; says the gradients overflow when they hold Inf or NaN at that
-    pass; and, when no optimizer is known at all, that gradwatch checks nothing (a loop that
-    updates the weights by hand, which :meth:`Watcher.mark_step` serves).
+    ``no_step_after``: the finding is made once more than ``no_step_after *
+    accumulation_steps`` backward passes have reached the parameters of a watched optimizer with
+    no step of that optimizer after them: at the end of the next backward pass (that pass not
+    counted), or at another optimizer's step. Passes inside ``optimizer.step()`` (the closure of
+    LBFGS or of Lightning) belong to that step. ``value`` is the count, and the finding names the
+    optimizer's parameters those passes reached; it says the gradients overflow when they hold
+    Inf or NaN then; and, when no optimizer is known at all, that gradwatch checks nothing (a
+    loop that updates the weights by hand, which :meth:`Watcher.mark_step` serves).
 
     Healthy look-alikes stay silent: declared accumulation resets the count at every step;
     evaluation under ``no_grad`` runs no backward pass; the few steps a ``GradScaler`` skips at
@@ -85,11 +86,11 @@ class StepsDetector(Detector):
             return [Finding(Kind.STEP_NOT_TAKEN, ctx.step, None, value, limit, cause=NO_OPTIMIZER)]
         arrival = ctx.tracker.arrival
         findings = []
-        for _, positions in ctx.stalled:
+        for _, positions, passes in ctx.stalled:
             ordered = sorted(positions, key=arrival.__getitem__)
             names = tuple(ctx.table.names[i] for i in ordered)
             cause = OVERFLOW if ctx.nonfinite else NO_STEP
             findings.append(
-                Finding(Kind.STEP_NOT_TAKEN, ctx.step, names[0], value, limit, names, cause)
+                Finding(Kind.STEP_NOT_TAKEN, ctx.step, names[0], float(passes), limit, names, cause)
             )
         return findings
