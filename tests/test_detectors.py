@@ -678,6 +678,25 @@ def test_learning_rate_raised_mid_run(optimizer: str, change: int) -> None:
     assert first.value > first.threshold
 
 
+def test_an_explosion_after_convergence_is_still_caught() -> None:
+    """Converged (norms about 1e-12 of the early scale), then a gradient back at a hundredth of
+    the early scale (a bad batch, a blow-up starting): caught at once, as before convergence."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        size = 1.0 if i < 40 else 1e-12 if i < 70 else 1e-2
+        (nn.functional.mse_loss(model(x), y) * size).backward()
+        opt.step()
+
+    watcher = train(model, opt, steps=75, step_fn=step)
+    exploding = _only(watcher, Kind.EXPLODING)
+    assert exploding and exploding[0].step == 70
+
+
 def test_gradient_norm_above_the_absolute_ceiling() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: no_update ignored

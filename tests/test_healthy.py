@@ -1193,3 +1193,28 @@ def test_grad_scaler_overflow_steps_with_unscale_and_clip() -> None:
     watcher = train(model, opt, steps=8, step_fn=step)
     assert scales[2] == 2.0**15 and scales[3] == 2.0**14  # both steps were skipped
     assert watcher.findings == []
+
+
+# ---------------------------------------------------------------- exploding: a converged run
+
+
+def test_round_off_at_the_bottom_of_a_converged_run_is_not_exploding() -> None:
+    """Trained, then converged: the gradients are round-off, norms about 1e-12 of their early
+    scale, and one step's round-off is a thousand times the others' (about 1e-8 of the scale).
+    Still a millionth of where the run started: noise, not an explosion."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = _data()
+    norms: list[float] = []
+
+    def step(i: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        size = 1.0 if i < 40 else 1e-8 if i in (70, 90) else 1e-12
+        (nn.functional.mse_loss(model(x), y) * size).backward()
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+        opt.step()
+
+    watcher = train(model, opt, steps=100, step_fn=step)
+    assert norms[70] > 1000 * sorted(norms[40:70])[15]  # past explode_factor x the recent median
+    assert watcher.findings == []

@@ -17,6 +17,7 @@ import functools
 import io
 import math
 import pathlib
+import statistics
 import threading
 from collections.abc import Callable
 from types import MappingProxyType
@@ -243,6 +244,13 @@ def test_states_of_real_runs_load_and_save_again_unchanged(run: Run) -> None:
         assert state["detectors"]["clip_order"] == {"streak": []}
         for name in added:
             saved["detectors"][name] = state["detectors"][name]
+        # 0.1 kept no peaks: the run's scale is taken from the saved medians.
+        old, new = saved["detectors"]["magnitude"], state["detectors"]["magnitude"]
+        assert new["peak_totals"] == {
+            group: statistics.median(totals) for group, totals in old["totals"].items() if totals
+        }
+        assert torch.equal(new["peak_reference"].nan_to_num(-1), old["reference"].nan_to_num(-1))
+        old |= {"peak_totals": new["peak_totals"], "peak_reference": new["peak_reference"]}
     assert state_differences(saved, state) == []
     assert watcher.step == max(saved["steps"].values()) + 2
 
@@ -320,6 +328,12 @@ CRASHED_BEFORE: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("param_history-negative", _set((*MAGNITUDE, "param_history"), lambda t: t.fill_(-1.0)),
      r"param_history\[0, 0\] must be NaN \(none yet\) or a finite norm >= 0 \(as torch.float32\), "
      r"got -1\.0"),
+    ("peak_totals-zero", _set((*MAGNITUDE, "peak_totals", 0), lambda _: 0.0),
+     r"detectors\.magnitude: peak_totals\[0\] must be a finite number > 0, got 0\.0"),
+    ("peak_reference-short", _set((*MAGNITUDE, "peak_reference"), lambda t: t[:2]),
+     r"detectors\.magnitude: peak_reference must be a floating-point tensor of shape \(8,\)"),
+    ("peak_reference-alone", lambda state: state["detectors"]["magnitude"].pop("peak_totals"),
+     r"detectors\.magnitude: the state has no key 'peak_totals'"),
     ("totals-too-many", _set((*MAGNITUDE, "totals", 0), lambda _: [1.0] * 33),
      r"totals\[0\] must hold at most history \(32\) totals, got 33"),
     ("depth_streak-a-string", _set((*MAGNITUDE, "depth_streak", 0), lambda _: "2"),

@@ -61,6 +61,14 @@ def _vanishing(f: Finding) -> str:
     )
 
 
+SCALE_FLOOR = 1e-6
+"""The relative exploding rule compares a norm with ``explode_factor`` times the larger of its
+recent median and this fraction of the largest median seen so far in the run (per optimizer for
+the total, per parameter for each parameter): at the bottom of a converged run, where the norms
+are round-off a millionth of their scale or less, a jump of ``explode_factor`` within that noise
+is not an explosion."""
+
+
 def _check_max_grad_norm(name: str, value: object, values: object) -> None:
     if value is not None:
         _checks.number_above(name, value, 0.0)
@@ -83,7 +91,9 @@ class MagnitudeDetector(Detector):
     Exploding: after ``warmup_steps`` checks, the total gradient norm exceeds ``explode_factor``
     times the median of its last ``history`` values, or a parameter's norm exceeds
     ``explode_factor`` times its own median while being at least a tenth of the model's median
-    total norm; or the total norm exceeds ``max_grad_norm`` at any time.
+    total norm; or the total norm exceeds ``max_grad_norm`` at any time. A median is never taken
+    below :data:`SCALE_FLOOR` times the largest one seen in the run, so round-off at the bottom
+    of a converged run is not an explosion.
 
     Vanishing: among weight matrices (2+ dimensions) in depth order, the median RMS gradient of the
     earliest quarter is below ``vanish_ratio`` times that of the last quarter for ``vanish_steps``
@@ -144,6 +154,10 @@ class MagnitudeDetector(Detector):
         self._param_history = torch.full((self.history, num_params), math.nan)
         self._param_count = torch.zeros(num_params, dtype=torch.long)
         self._reference = torch.full((num_params,), math.nan)
+        self._peak_totals: dict[int, float] = {}
+        """Per optimizer group, the largest median of the totals seen (the run's scale)."""
+        self._peak_reference = torch.full((num_params,), math.nan)
+        """Per parameter, the largest median of its norms seen (NaN: none yet)."""
         self._checks_since_refresh = 0
         self._depth_streak: dict[int, int] = {}
         self._zero_streak = torch.zeros(num_params, dtype=torch.long)
@@ -178,12 +192,15 @@ class MagnitudeDetector(Detector):
         typical_total = math.nan
         if len(totals) >= self.warmup_steps:
             typical_total = _median(totals)
-            limit = self.explode_factor * typical_total
+            peak = max(self._peak_totals.get(ctx.group, 0.0), typical_total)
+            self._peak_totals[ctx.group] = peak
+            limit = self.explode_factor * max(typical_total, SCALE_FLOOR * peak)
         relative = limit
         if self.max_grad_norm is not None:
             limit = min(limit, self.max_grad_norm)
         reference = self._reference.numpy()[index].astype(np.float64)
-        param_limit = self.explode_factor * reference
+        peaks = self._peak_reference.numpy()[index].astype(np.float64)
+        param_limit = self.explode_factor * np.fmax(reference, SCALE_FLOOR * peaks)
         significant = norms >= 0.1 * typical_total if not math.isnan(typical_total) else finite
         grown = finite & significant & (norms > param_limit)
         if not (total > limit or grown.any()):
@@ -311,6 +328,7 @@ class MagnitudeDetector(Detector):
                 reference,
                 torch.full_like(reference, math.nan),
             )
+            self._peak_reference = torch.fmax(self._peak_reference, self._reference)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -320,6 +338,8 @@ class MagnitudeDetector(Detector):
             "reference": self._reference.clone(),
             "depth_streak": dict(self._depth_streak),
             "zero_streak": self._zero_streak.clone(),
+            "peak_totals": dict(self._peak_totals),
+            "peak_reference": self._peak_reference.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -334,6 +354,9 @@ class MagnitudeDetector(Detector):
                 shape (saved with another ``history`` or for another model), a negative count,
                 a norm that is negative or not finite, more totals than ``history``.
         """
+        if isinstance(state, dict) and not set(_PEAK_FIELDS) & set(state):
+            # Saved before the peaks were kept: the run's scale is taken from what was saved.
+            state = {**state, "peak_totals": None, "peak_reference": None}
         fields = _state.fields(state, _STATE_FIELDS)
         num_params = self.setup.num_params
         norm_dtype = self._param_history.dtype
@@ -367,6 +390,25 @@ class MagnitudeDetector(Detector):
             group: _state.integer(f"depth_streak[{group}]", streak)
             for group, streak in _state.by_group("depth_streak", fields["depth_streak"]).items()
         }
+        if fields["peak_totals"] is None:
+            peak_totals = {
+                group: _median(deque(values)) for group, values in totals.items() if values
+            }
+            peak_reference = reference.clone()
+        else:
+            peak_totals = {
+                group: _state.positive(f"peak_totals[{group}]", value)
+                for group, value in _state.by_group("peak_totals", fields["peak_totals"]).items()
+            }
+            peak_reference = _state.tensor(
+                "peak_reference",
+                fields["peak_reference"],
+                (num_params,),
+                norm_dtype,
+                "one per parameter",
+                _NORM,
+                _is_norm,
+            )
         self._totals = {
             group: deque(values, maxlen=self.history) for group, values in totals.items()
         }
@@ -375,6 +417,8 @@ class MagnitudeDetector(Detector):
         self._reference = reference
         self._depth_streak = depth_streak
         self._zero_streak = zero_streak
+        self._peak_totals = peak_totals
+        self._peak_reference = peak_reference
 
 
 _STATE_FIELDS = (
@@ -384,7 +428,10 @@ _STATE_FIELDS = (
     "reference",
     "depth_streak",
     "zero_streak",
+    "peak_totals",
+    "peak_reference",
 )
+_PEAK_FIELDS = ("peak_totals", "peak_reference")
 _NORM = "NaN (none yet) or a finite norm >= 0"
 _COUNT = "a count in [0, 2**62]"
 
