@@ -68,6 +68,8 @@ class Stepper:
     steps: int = 0
     updates: int = 0
     """Steps taken with gradients (not emptied by ``on_nonfinite="skip"``)."""
+    watched_steps: int = 0
+    """Steps taken while watched (not counting a checkpoint's)."""
     stall_reported: bool = False
     """Whether ``step_not_taken`` was judged since its last step."""
     group_of: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -170,6 +172,7 @@ class Steppers:
             stepper.updates += 1
         stepper.stall_reported = False
         stepper.steps += 1
+        stepper.watched_steps += 1
         stepper.window_start_pass = self._tracker.backward_passes
         stepper.window_start_reach = self._tracker.group_passes(stepper.group)
         stepper.state = StepState.READY
@@ -193,16 +196,21 @@ class Steppers:
         stepper.counted_passes = passes
 
     def coverage(self) -> Coverage:
-        return Coverage(self._optimized_positions(), self._passes_reaching)
+        return Coverage(self._optimized_positions(), self._passes_reaching, self._idle)
 
     def _passes_reaching(self, positions: list[int]) -> list[int]:
         steppers = list(self)
-        unowned = self._tracker.backward_passes
-        if self.follow_all and self._optimized_positions() is None:
-            unowned = 0  # whose parameter it is may not be known yet
         return [
-            max((s.reached_passes for s in steppers if i in s.position_set), default=unowned)
+            max((s.reached_passes for s in steppers if i in s.position_set), default=0)
             for i in positions
+        ]
+
+    def _idle(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        received = self._tracker.received
+        return [
+            (s.group, s.watched_steps, tuple(s.positions))
+            for s in self.live()
+            if not any(received[i] for i in s.positions)
         ]
 
     def _optimized_positions(self) -> frozenset[int] | None:

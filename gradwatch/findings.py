@@ -53,7 +53,8 @@ class Finding:
         cause: For a kind with several causes, which one (``step_not_taken``: ``"no_step"``,
             ``"overflow"`` or ``"no_optimizer"``; ``no_update``: ``"zero_lr"`` or
             ``"unchanged"``; ``clip_order``: ``"after_step"``, ``"before_backward"`` or
-            ``"before_unscale"``); ``None`` otherwise.
+            ``"before_unscale"``; ``no_grad``: ``"idle_optimizer"`` when a whole optimizer
+            trains nothing); ``None`` otherwise.
 
     Example:
         >>> f = Finding(Kind.NAN, step=3, param="fc.weight", params=("fc.weight",))

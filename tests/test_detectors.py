@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch import Finding, Kind
+from gradwatch.detectors.coverage import IDLE_OPTIMIZER
 from tests.helpers.models import (
     GAN,
     EncoderDecoder,
@@ -371,6 +374,86 @@ def test_no_grad_after_option() -> None:
     watcher = train(model, opt, steps=10, no_grad_after=2)
     assert kinds(watcher) == ["no_grad"]
     assert watcher.findings[0].step == 1
+
+
+class _FrozenForward(nn.Module):
+    """An encoder whose forward runs under ``torch.no_grad()`` (meant to be fine-tuned), and a
+    head; each with its own optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.encoder(x)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("follow", [False, True], ids=["given", "followed"])
+def test_an_optimizer_none_of_whose_parameters_ever_gets_a_gradient(follow: bool) -> None:
+    """The encoder's optimizer steps every iteration and trains nothing: no backward pass
+    reaches its parameters, so the count of passes reaching it stays 0. Reported at the first
+    check after it has stepped no_grad_after (5) times: the head's, in iteration 4."""
+    model = _FrozenForward()
+    opt_encoder = torch.optim.Adam(model.encoder.parameters(), lr=1e-3)
+    opt_head = torch.optim.SGD(model.head.parameters(), lr=0.05)
+    encoder = [p.detach().clone() for p in model.encoder.parameters()]
+    g = torch.Generator().manual_seed(1)
+    watched = None if follow else [opt_encoder, opt_head]
+    with gradwatch.watch(model, watched, on_finding="record") as watcher:
+        for _ in range(10):
+            x, y = regression_batch(generator=g)
+            opt_encoder.zero_grad()
+            opt_head.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt_encoder.step()
+            opt_head.step()
+    assert all(torch.equal(b, p) for b, p in zip(encoder, model.encoder.parameters(), strict=True))
+    assert [(f.kind, f.cause, f.step, f.value, f.threshold) for f in watcher.findings] == [
+        (Kind.NO_GRAD, IDLE_OPTIMIZER, 4, 5.0, 5.0)
+    ]
+    assert watcher.findings[0].params == ("encoder.0.weight", "encoder.0.bias")
+    assert "has stepped 5 times and none of its parameters" in watcher.findings[0].message
+
+
+def test_an_idle_optimizer_in_lightning_manual_optimization(tmp_path: pathlib.Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradwatch.lightning import GradWatchCallback
+
+    class TwoOptimizers(pl.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.net = _FrozenForward()
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            opt_encoder, opt_head = self.optimizers()
+            x, y = batch
+            opt_encoder.zero_grad()
+            opt_head.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(self.net(x), y))
+            opt_encoder.step()
+            opt_head.step()
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            return [
+                torch.optim.Adam(self.net.encoder.parameters(), lr=1e-3),
+                torch.optim.SGD(self.net.head.parameters(), lr=0.05),
+            ]
+
+    x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
+    callback = GradWatchCallback(on_finding="record", log_dir=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=16, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(TwoOptimizers(), torch.utils.data.DataLoader(data, batch_size=16))
+    assert [(f.kind, f.cause) for f in callback.findings] == [(Kind.NO_GRAD, IDLE_OPTIMIZER)]
+    assert callback.findings[0].params == ("net.encoder.0.weight", "net.encoder.0.bias")
 
 
 def test_unused_layer_in_forward() -> None:

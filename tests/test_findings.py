@@ -217,3 +217,10 @@ def test_cause_round_trips_and_is_written_only_when_set() -> None:
     assert "cause" not in Finding(Kind.NAN, 1, "w").to_dict()
     with pytest.raises(GradWatchValueError, match="cause must be a string or null, got 3"):
         Finding.from_dict({**f.to_dict(), "cause": 3})
+
+
+def test_no_grad_message_per_cause() -> None:
+    passes = Finding(Kind.NO_GRAD, 4, "enc.weight", 5.0, 5.0, ("enc.weight",))
+    idle = Finding(Kind.NO_GRAD, 4, "enc.weight", 5.0, 5.0, ("enc.weight",), "idle_optimizer")
+    assert "received no gradient in 5 backward passes" in passes.message
+    assert "the optimizer of 'enc.weight' has stepped 5 times" in idle.message

@@ -1218,3 +1218,102 @@ def test_round_off_at_the_bottom_of_a_converged_run_is_not_exploding() -> None:
     watcher = train(model, opt, steps=100, step_fn=step)
     assert norms[70] > 1000 * sorted(norms[40:70])[15]  # past explode_factor x the recent median
     assert watcher.findings == []
+
+
+# ---------------------------------------------------------------- no_grad: nothing trains them
+
+
+class _QLearner(nn.Module):
+    """A Q-network and its target network as submodules, the target's ``requires_grad`` left
+    on: in no optimizer, never given a gradient, synced by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = mlp(width=16, out_features=2)
+        self.target = mlp(width=16, out_features=2)
+        self.target.load_state_dict(self.q.state_dict())
+
+
+def test_dqn_target_network_left_requiring_grad() -> None:
+    agent = _QLearner()
+    opt = torch.optim.Adam(agent.q.parameters(), lr=1e-3)
+    g = _data()
+    with gradwatch.watch(agent, opt, on_finding="record") as watcher:
+        for i in range(20):
+            state, following = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
+            reward = torch.randn(32, generator=g)
+            with torch.no_grad():
+                target = reward + 0.99 * agent.target(following).max(dim=1).values
+            q = agent.q(state).gather(1, torch.zeros(32, 1, dtype=torch.long)).squeeze(1)
+            opt.zero_grad()
+            nn.functional.smooth_l1_loss(q, target).backward()
+            opt.step()
+            if i % 5 == 4:
+                agent.target.load_state_dict(agent.q.state_dict())
+    assert all(p.requires_grad and p.grad is None for p in agent.target.parameters())
+    assert watcher.findings == []
+
+
+def test_ema_copy_kept_as_a_submodule() -> None:
+    class WithEMA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+            self.ema = mlp()
+            self.ema.load_state_dict(self.net.state_dict())
+
+    model = WithEMA()
+    opt = torch.optim.SGD(model.net.parameters(), lr=0.05, momentum=0.9)
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model.net(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            ema, net = list(model.ema.parameters()), list(model.net.parameters())
+            torch._foreach_lerp_(ema, net, 0.01)
+
+    watcher = train(model, opt, steps=20, step_fn=step)
+    assert watcher.findings == []
+
+
+def test_lightning_dqn_target_network(tmp_path: pathlib.Path) -> None:
+    """As Lightning's reinforcement-learning example keeps it: ``self.target_net`` beside
+    ``self.net``, one optimizer over ``self.net``."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradwatch.lightning import GradWatchCallback
+
+    class DQN(pl.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp(width=16, out_features=2)
+            self.target_net = mlp(width=16, out_features=2)
+            self.target_net.load_state_dict(self.net.state_dict())
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            state, reward = batch
+            with torch.no_grad():
+                target = reward.squeeze(1) + 0.99 * self.target_net(state).max(dim=1).values
+            q = self.net(state).max(dim=1).values
+            if batch_idx % 4 == 3:
+                self.target_net.load_state_dict(self.net.state_dict())
+            return nn.functional.mse_loss(q, target)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.net.parameters(), lr=1e-3)
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(16 * 12, 8, generator=generator), torch.randn(16 * 12, 1, generator=generator)
+    )
+    callback = GradWatchCallback(on_finding="record", log_dir=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=12, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(DQN(), torch.utils.data.DataLoader(data, batch_size=16))
+    assert callback.findings == []
+    assert callback.step == 12

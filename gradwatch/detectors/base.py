@@ -113,8 +113,11 @@ class Coverage:
     """Positions some watched optimizer updates; ``None`` while that is not known yet (when
     following every optimizer, before any has stepped)."""
     passes_reaching: Callable[[list[int]], list[int]]
-    """For each given position, the backward passes that reached the optimizer owning it (all
-    passes for a parameter no optimizer owns)."""
+    """For each given position, the backward passes that reached the optimizer owning it (0 for
+    a parameter no watched optimizer owns: nothing trains it, by design)."""
+    idle: Callable[[], list[tuple[int, int, tuple[int, ...]]]] = lambda: []
+    """The watched optimizers none of whose parameters has ever received a gradient: for each,
+    its group, the steps it has taken while watched, and its positions."""
 
 
 @dataclasses.dataclass

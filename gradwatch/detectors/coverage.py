@@ -13,8 +13,19 @@ from gradwatch import _checks, _state
 from gradwatch.detectors.base import CheckContext, Detector, Option, Phase, Setup
 from gradwatch.findings import Finding, Kind, _fmt_int, _names, _plural
 
+IDLE_OPTIMIZER = "idle_optimizer"
+"""``no_grad``'s cause when a whole optimizer steps and none of its parameters ever receives a
+gradient."""
+
 
 def _no_grad(f: Finding) -> str:
+    if f.cause == IDLE_OPTIMIZER:
+        return (
+            f"the optimizer of {_names(f)} has stepped {_fmt_int(f.value)} times and none of its "
+            f"parameters has received a gradient: they are not connected to the loss (a forward "
+            f"pass under torch.no_grad(), a .detach(), or a module the loss never uses), so "
+            f"this optimizer trains nothing. Connect them, or leave this optimizer out."
+        )
     return (
         f"{_names(f)} {_plural(f, 'requires', 'require')} grad but received no gradient in "
         f"{_fmt_int(f.value)} backward passes: not connected to the loss (a .detach(), "
@@ -39,8 +50,12 @@ class CoverageDetector(Detector):
     ``no_grad_after``: backward passes after which a trainable parameter that has never received
     a gradient is reported. Only passes that reached the parameter's optimizer (gave gradients to
     some of its parameters) count, so a generator that steps once per five discriminator passes
-    is not reported. Which optimizer owns which parameter, and the passes that reached each, come
-    from :attr:`CheckContext.coverage`.
+    is not reported. A watched optimizer none of whose parameters has ever received a gradient
+    is reported once it has stepped ``no_grad_after`` times (cause ``"idle_optimizer"``, all its
+    parameters named). A parameter no watched optimizer holds and that never receives a
+    gradient is not trained, by design (a target network, an EMA or teacher copy): silent.
+    Which optimizer owns which parameter, and the passes that reached each, come from
+    :attr:`CheckContext.coverage`.
     """
 
     name = "coverage"
@@ -96,6 +111,27 @@ class CoverageDetector(Detector):
                         value=float(max(n for _, n in missing)),
                         threshold=float(self.no_grad_after),
                         params=names,
+                    )
+                )
+            for _, steps, positions in coverage.idle():
+                idle = [
+                    i
+                    for i in positions
+                    if table.params[i].requires_grad and i not in self._reported_no_grad
+                ]
+                if steps < self.no_grad_after or not idle:
+                    continue
+                self._reported_no_grad.update(idle)
+                names = tuple(table.names[i] for i in idle)
+                findings.append(
+                    Finding(
+                        Kind.NO_GRAD,
+                        ctx.step,
+                        names[0],
+                        value=float(steps),
+                        threshold=float(self.no_grad_after),
+                        params=names,
+                        cause=IDLE_OPTIMIZER,
                     )
                 )
         optimized = coverage.optimized
