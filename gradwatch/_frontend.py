@@ -28,6 +28,7 @@ from torch import nn
 
 from gradwatch import _checks, _options
 from gradwatch._monitor import Monitor, check_parameters, format_summary
+from gradwatch._probe import ForwardProbe
 from gradwatch._reporting import apply_policy
 from gradwatch._steppers import StepState
 from gradwatch._wrapped import unwrap_optimizer
@@ -323,8 +324,10 @@ class Session:
         sinks: Sequence[Sink] | FanOut,
         on_finding: _options.OnFinding,
         step_hooks: bool,
+        model: nn.Module | None = None,
     ) -> None:
         self.registry = HookRegistry()
+        self.probe: ForwardProbe | None = None
         fanout = sinks if isinstance(sinks, FanOut) else FanOut(list(sinks))
         monitor: Monitor | None = None
         try:
@@ -348,7 +351,12 @@ class Session:
                 for optimizer in optimizers:
                     self.registry.add_step_pre_hook(optimizer, monitor.entering_step)
                     self.registry.add_step_post_hook(optimizer, monitor.after_step)
+            if model is not None and monitor.probes_forward:
+                self.probe = ForwardProbe(model, monitor.held, monitor.unregistered_found)
+                self.registry.adopt(self.probe.handles)
         except BaseException:
+            if self.probe is not None:
+                self.probe.remove()
             self.registry.remove()
             if monitor is not None:
                 monitor.close()
@@ -359,6 +367,8 @@ class Session:
 
     def close(self) -> None:
         """Remove every hook, report what is in flight (never raising), close the outputs."""
+        if self.probe is not None:
+            self.probe.remove()
         self.registry.remove()
         self.monitor.close()
 
@@ -556,6 +566,7 @@ class FrameworkWatch:
         scaler: Any = None,
         logger: logging.Logger | None = None,
         no_optimizer: str | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         """Open a session over ``named`` and ``optimizers`` (every rank calls it).
 
@@ -607,6 +618,7 @@ class FrameworkWatch:
                 sinks=statistics,
                 on_finding=self._queue,
                 step_hooks=False,
+                model=model,
             )
             if resume and self._saved is not None:
                 session.monitor.load_state_dict(self._saved)
@@ -628,6 +640,13 @@ class FrameworkWatch:
         monitor.check(optimizer, step=step, tolerate=tolerate)
         if self._world_size == 1:
             self._publish(self._take(), raising=True)
+
+    def look_at_loss(self, loss: object, inputs: object) -> None:
+        """A training step's loss, before its backward pass: the forward probe looks at its
+        graph while it is active (the framework's step may not call the model's forward)."""
+        session = self._session
+        if session is not None and session.probe is not None and session.probe.active:
+            session.probe.look_at(loss, inputs)
 
     def exchange(self) -> None:
         """Exchange and publish queued findings; every rank calls it at the same point."""

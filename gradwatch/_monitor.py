@@ -28,6 +28,7 @@ from gradwatch._histograms import (
     histogram_rows,
     statistics_dtype,
 )
+from gradwatch._probe import Unregistered
 from gradwatch._reporting import Reporter, warn_user
 from gradwatch._stats import (
     HostCopy,
@@ -183,6 +184,8 @@ class Monitor:
             self.tracker.set_alarm(self._no_step_limit, self._on_overdue)
         self._position_of = {id(p): i for i, p in enumerate(self._table.params)}
         self._clips: deque[_Clip] = deque(maxlen=CLIPS_KEPT)
+        self._unregistered: list[Unregistered] = []
+        """Found by the forward probe, reported at the next check."""
         self._clip_sites: dict[int, int] = {}
         """Per optimizer group, the first judged parameter of its latest clip: the call an
         unscale with no clip since the step judges well placed."""
@@ -422,6 +425,28 @@ class Monitor:
         go_ahead = stepper.state is not StepState.SKIPPED
         self.after_step(self._hand, (), {})
         return go_ahead
+
+    # ------------------------------------------------------------------ the forward probe
+
+    @property
+    def probes_forward(self) -> bool:
+        """Whether a detector reads what the forward probe finds (its kinds not all ignored)."""
+        return any(
+            d.name == "unregistered" and set(d.kinds) - self.options.ignore for d in self._detectors
+        )
+
+    def held(self) -> set[int]:
+        """Ids of the watched parameters and of every parameter a watched optimizer holds."""
+        held = {id(p) for p in self._table.params}
+        for stepper in self._steppers.live():
+            optimizer = stepper.optimizer()
+            if optimizer is not None:
+                held.update(id(p) for g in optimizer.param_groups for p in g["params"])
+        return held
+
+    def unregistered_found(self, found: list[Unregistered]) -> None:
+        """From the forward probe: reported at the next check."""
+        self._unregistered.extend(found)
 
     # ------------------------------------------------------------------ steps not taken
 
@@ -720,7 +745,9 @@ class Monitor:
             rewritten=rewritten,
             learning_rates=learning_rates,
             updates=stepper.updates,
+            unregistered=tuple(self._unregistered),
         )
+        self._unregistered.clear()
         findings = self._clips_at_check(stepper, label) if self._clips else []
         findings += self._run(context, Phase.AT_CHECK)
         norms = self._plan(stepper, positions, grads).norms(grads)

@@ -28,6 +28,7 @@ class Kind(str, Enum):
     STEP_NOT_TAKEN = "step_not_taken"
     NO_UPDATE = "no_update"
     CLIP_ORDER = "clip_order"
+    UNREGISTERED_PARAMETER = "unregistered_parameter"
     SKIPPED_STEP = "skipped_step"
 
     def __str__(self) -> str:

@@ -220,7 +220,18 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
                 f"{_DURING_FIT}: no optimizer from {name}.configure_optimizers() updates any of "
                 f"its {len(named)} trainable parameters; there are no optimizer steps to check"
             ),
+            model=pl_module,
         )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._core.look_at_loss(loss, getattr(self, "_batch", None))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -235,6 +246,7 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._batch = None
         self._core.exchange()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

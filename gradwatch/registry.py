@@ -64,6 +64,12 @@ class HookRegistry:
         """A hook after each ``optimizer.step()`` that really runs (not one GradScaler skips)."""
         self._keep(optimizer.register_step_post_hook(hook))
 
+    def adopt(self, handles: Iterable[RemovableHandle]) -> None:
+        """Handles of hooks registered elsewhere (the forward probe's), removed with the rest;
+        removing one twice is harmless."""
+        for handle in handles:
+            self._keep(handle)
+
     def remove(self) -> None:
         with self._lock:
             handles, self._handles = self._handles, []

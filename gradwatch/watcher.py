@@ -197,6 +197,7 @@ class Watcher:
                 sinks=[*outputs, *settings.sinks],
                 on_finding=settings.on_finding,
                 step_hooks=True,
+                model=model,
             )
         except BaseException:
             with _open_watchers_lock:

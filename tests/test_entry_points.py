@@ -83,7 +83,8 @@ class Bad:
 
 _ALL_KINDS = (
     "missing_zero_grad, unexpected_accumulation, nan, inf, exploding, vanishing, no_grad, "
-    "not_in_optimizer, cleared_before_step, step_not_taken, no_update, clip_order, skipped_step"
+    "not_in_optimizer, cleared_before_step, step_not_taken, no_update, clip_order, "
+    "unregistered_parameter, skipped_step"
 )
 _ON_FINDING = r"on_finding must be one of 'warn', 'raise', 'record' or a callable taking a Finding"
 _DIRECTORY = r"log_dir must be a directory \(or a path where one can be created\), got "

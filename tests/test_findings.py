@@ -26,6 +26,7 @@ KIND_VALUES = [
     "step_not_taken",
     "no_update",
     "clip_order",
+    "unregistered_parameter",
     "skipped_step",
 ]
 
@@ -43,6 +44,7 @@ ADVICE = {
     Kind.STEP_NOT_TAKEN: "Call optimizer.step()",
     Kind.NO_UPDATE: "Check the scheduler or warm-up",
     Kind.CLIP_ORDER: "after loss.backward() and before optimizer.step()",
+    Kind.UNREGISTERED_PARAMETER: "Keep layers in nn.ModuleList or nn.ModuleDict",
     Kind.SKIPPED_STEP: "fix the loss or lower the learning rate",
 }
 

@@ -27,6 +27,7 @@ from gradwatch.detectors.coverage import CoverageDetector
 from gradwatch.detectors.magnitude import MagnitudeDetector
 from gradwatch.detectors.numerics import NumericsDetector
 from gradwatch.detectors.steps import StepsDetector
+from gradwatch.detectors.unregistered import UnregisteredDetector
 from gradwatch.detectors.updates import NoUpdateDetector
 from gradwatch.findings import Kind, register_messages
 
@@ -39,6 +40,7 @@ REGISTRY: tuple[type[Detector], ...] = (
     StepsDetector,
     NoUpdateDetector,
     ClipOrderDetector,
+    UnregisteredDetector,
 )
 
 RELEASE_1_ORDER = ("accumulation", "coverage", "numerics", "magnitude")

@@ -33,6 +33,7 @@ from gradwatch.findings import Finding, Kind
 
 if TYPE_CHECKING:
     from gradwatch._options import DetectorOptions
+    from gradwatch._probe import Unregistered
 
 
 class Phase(str, enum.Enum):
@@ -162,6 +163,9 @@ class CheckContext:
     updates: int = 0
     """The optimizer's steps taken with gradients before this check (steps that
     ``on_nonfinite="skip"`` emptied are not counted)."""
+    unregistered: tuple[Unregistered, ...] = ()
+    """Trainable tensors the model uses but does not own, found in a forward pass since the
+    previous check (see :mod:`gradwatch._probe`)."""
     weight_norms: torch.Tensor | None = None
     """``weight_norms[j]``: the norm of ``params[indices[j]]`` at the check, at the checks where
     the weight norms are taken for the update ratios (every ``RATIO_EVERY`` steps while an
