@@ -142,6 +142,7 @@ class GradWatchCallback(CallbackSurface, TrainerCallback):
             logger=_LOGGER,
             no_optimizer=f"{_ENTRY}: the Trainer's optimizer updates none of the {len(named)} "
             f"trainable parameters of {subject}; there are no optimizer steps to check",
+            model=model,
         )
         self._optimizer = optimizer
 

@@ -144,8 +144,9 @@ def test_healthy_run_is_silent_and_shares_the_tensorboard_run(
     assert {"gradwatch/grad_norm/total", "train/train_loss"} <= set(scalar_tags(run))
     assert (run / FINDINGS_LOG_NAME).read_text() == ""
     trainable = sum(p.requires_grad for p in model.parameters())
-    # one step pre-hook (passes inside a step are not overdue) and one post-hook
-    assert spy.during == {**NO_HOOKS, "post_accumulate_grad": trainable, "step": 2}
+    # one step pre-hook (passes inside a step are not overdue) and one post-hook; the forward
+    # probe's pre- and post-hook on the model, until it has seen its second forward pass
+    assert spy.during == {**NO_HOOKS, "post_accumulate_grad": trainable, "step": 2, "forward": 2}
     assert hooks_left(model, trainer.optimizer.optimizer) == NO_HOOKS
 
 
@@ -437,3 +438,24 @@ def test_ddp_raise_stops_every_rank_at_the_same_step(
         assert "'classifier.weight'" in error
         assert reports[rank]["global_step"] == 3  # after the exchange at the end of step 2
         assert reports[rank]["hooks"] == 0
+
+
+def test_a_head_kept_in_a_plain_list_is_unregistered(tmp_path: pathlib.Path) -> None:
+    class ListHead(nn.Module):
+        """A tiny BERT whose extra projection sits in a plain list."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = tiny_bert()
+            self.extra = [nn.Linear(2, 2)]
+
+        def forward(
+            self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **rest: Any
+        ) -> Any:
+            out = self.bert(input_ids=input_ids, labels=labels, **rest)
+            out.logits = self.extra[0](out.logits)
+            return out
+
+    callback = record()
+    train(tmp_path, callback, ListHead(), max_steps=2)
+    assert triples(callback) == [("unregistered_parameter", 0, "extra[0].bias")]
