@@ -150,6 +150,20 @@ def test_killed_run_keeps_every_reported_finding(tmp_path: pathlib.Path) -> None
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
+        # Lines the child printed before the kill that the reader had not got to yet (under
+        # load it lags a step or two): the run's real progress.
+        while True:
+            try:
+                line = lines.get(timeout=30)
+            except queue.Empty:  # the end was read already (the child exited early)
+                break
+            if line is None:
+                break
+            words = line.split()
+            if words[0] == "FINDING":
+                printed.append((words[1], int(words[2]), None if words[3] == "None" else words[3]))
+            elif words[0] == "STEP":
+                last_step = int(words[1])
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
     assert proc.returncode == -signal.SIGKILL
