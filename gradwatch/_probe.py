@@ -115,12 +115,31 @@ class ForwardProbe:
         self._reported: set[str] = set()
         self._graphs = 0
         self._looks = 0
+        # The global hooks hold the probe weakly, and go when it does: torch's module-level
+        # hook dicts never keep a probe (and through it the monitor) alive.
+        me = weakref.ref(self)
+
+        def module_enter(module: nn.Module, args: tuple[Any, ...]) -> None:
+            probe = me()
+            if probe is not None:
+                probe._module_enter(module, args)
+
+        def module_exit(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            probe = me()
+            if probe is not None:
+                probe._module_exit(module, args, output)
+
+        globals_ = [
+            register_module_forward_pre_hook(module_enter),
+            register_module_forward_hook(module_exit),
+        ]
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._enter, with_kwargs=True),
             model.register_forward_hook(self._exit, with_kwargs=True),
-            register_module_forward_pre_hook(self._module_enter),
-            register_module_forward_hook(self._module_exit),
+            *globals_,
         ]
+        for handle in globals_:
+            weakref.finalize(self, handle.remove)
 
     @property
     def active(self) -> bool:

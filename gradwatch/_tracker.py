@@ -55,7 +55,7 @@ class GradientTracker:
         self._hook_pass: int | None = None
         self.unstepped = 0
         self._alarm_after: int | None = None
-        self._alarm: Callable[[], None] | None = None
+        self._alarm: Callable[[], Callable[[], None] | None] | None = None
         # Backward passes that reached the parameters of each optimizer (by its group number),
         # and the latest pass counted for it.
         self._group_of = [-1] * num_params
@@ -66,7 +66,11 @@ class GradientTracker:
         """Call ``alarm()`` from the hook when a backward pass begins while more than ``after``
         earlier ones had no :meth:`reset_unstepped` after them, and again every ``after``
         passes until the next reset."""
-        self._alarm_after, self._alarm = after, alarm
+        # Held weakly: the parameters' hooks hold this tracker, and a strong reference to
+        # the monitor here would keep the parameters alive through it (a cycle through
+        # autograd's C++ hooks, which the garbage collector cannot see).
+        self._alarm_after = after
+        self._alarm = weakref.WeakMethod(alarm) if hasattr(alarm, "__self__") else lambda: alarm
 
     def set_group(self, positions: list[int], group: int) -> None:
         """Count the backward passes that reach ``positions`` as passes into the optimizer
@@ -159,8 +163,9 @@ class GradientTracker:
                 and self.unstepped >= after + 2
                 and (self.unstepped - after - 2) % after == 0
                 and self._alarm is not None
+                and (alarm := self._alarm()) is not None
             ):
-                self._alarm()
+                alarm()
         self._events.append((index, weakref.ref(grad), grad._version, pass_id))
         if len(self._events) > self._replay_at:  # backward after backward with no check
             self.replay()

@@ -653,3 +653,39 @@ def test_backward_on_another_thread_than_the_step() -> None:
 
 # Unusual entry points (closed watchers, shared, sparse and complex parameters, foreign
 # optimizers): the tables of tests/test_entry_points.py.
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_a_watcher_never_closed_does_not_keep_a_dropped_model_alive(steps: int) -> None:
+    """Watched with its optimizer given and never closed (a notebook cell run again): once the
+    model, the optimizer and the watcher are dropped, the parameters (and their gradients) are
+    freed, and torch's clip functions and module hooks are as they were."""
+    from gradwatch import _clipping
+
+    module_hooks = torch.nn.modules.module
+
+    def run() -> list[weakref.ref[torch.Tensor]]:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        gradwatch.watch(model, opt, on_finding="record")
+        run_steps(model, opt, steps)
+        return [weakref.ref(p) for p in model.parameters()]
+
+    params = run()
+    gc.collect()
+    assert all(ref() is None for ref in params)
+    assert not _clipping.installed()
+    assert not module_hooks._global_forward_hooks
+    assert not module_hooks._global_forward_pre_hooks
+
+
+def test_a_watcher_not_kept_still_watches_while_its_optimizer_lives() -> None:
+    """``gradwatch.watch(model, opt)`` without keeping the watcher: the optimizer's hooks keep
+    the checks alive; a forgotten zero_grad is still reported."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    found: list[Finding] = []
+    gradwatch.watch(model, opt, on_finding=found.append)
+    gc.collect()
+    run_steps(model, opt, 3, zero_grad=False)
+    assert [f.kind for f in found] == [Kind.MISSING_ZERO_GRAD]
