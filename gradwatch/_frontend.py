@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -325,6 +325,7 @@ class Session:
         on_finding: _options.OnFinding,
         step_hooks: bool,
         model: nn.Module | None = None,
+        replicas: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         self.registry = HookRegistry()
         self.probe: ForwardProbe | None = None
@@ -341,6 +342,7 @@ class Session:
                 sinks=fanout,
                 histogram_every=settings.histogram_every,
                 ratio_every=RATIO_EVERY,
+                replicas=replicas,
             )
             self.registry.add_param_hooks([p for _, p in named], monitor.tracker.on_accumulated)
             if step_hooks:
@@ -374,6 +376,22 @@ class Session:
 
 
 # ---------------------------------------------------------------------------- ranks
+
+
+def replica_reduction(model: object, world_size: int) -> Callable[[torch.Tensor], None] | None:
+    """How the ranks' gradient norms are compared under ``DistributedDataParallel`` (an
+    in-place all-reduce to the largest, on the norms' device); ``None`` for anything else (one
+    process; FSDP, whose shards are meant to differ)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if world_size < 2 or not isinstance(model, DistributedDataParallel):
+        return None
+    import torch.distributed as dist
+
+    def reduce(values: torch.Tensor) -> None:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+
+    return reduce
 
 
 class Collective(Protocol):
@@ -567,6 +585,7 @@ class FrameworkWatch:
         logger: logging.Logger | None = None,
         no_optimizer: str | None = None,
         model: nn.Module | None = None,
+        replicas: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         """Open a session over ``named`` and ``optimizers`` (every rank calls it).
 
@@ -619,6 +638,7 @@ class FrameworkWatch:
                 on_finding=self._queue,
                 step_hooks=False,
                 model=model,
+                replicas=replicas,
             )
             if resume and self._saved is not None:
                 session.monitor.load_state_dict(self._saved)

@@ -91,6 +91,9 @@ class _PendingCheck:
     flags: int = 0
     """Values after the norms in the host copy: 1 when the gradients of parameters outside the
     watched model were checked too (``on_nonfinite="skip"``), else 0."""
+    replica_positions: tuple[int, ...] = ()
+    """The positions whose ranks' norms were reduced; their largest, then minus their smallest,
+    end the host copy."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -150,6 +153,7 @@ class Monitor:
         ratio_every: int = 0,
         histogram_bins: int = DEFAULT_BINS,
         detectors: Sequence[type[Detector]] = REGISTRY,
+        replicas: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         self.accumulation_steps = accumulation_steps
         self.histogram_every = histogram_every
@@ -184,6 +188,11 @@ class Monitor:
             self.tracker.set_alarm(self._no_step_limit, self._on_overdue)
         self._position_of = {id(p): i for i, p in enumerate(self._table.params)}
         self._clips: deque[_Clip] = deque(maxlen=CLIPS_KEPT)
+        self._replicas = replicas
+        """Reduces a device tensor in place to its elementwise largest over the data-parallel
+        ranks (every rank checks at the same steps); ``None`` when there are none to compare."""
+        if not any(d.name == "replicas" and set(d.kinds) - options.ignore for d in self._detectors):
+            self._replicas = None
         self._unregistered: list[Unregistered] = []
         """Found by the forward probe, reported at the next check."""
         self._clip_sites: dict[int, int] = {}
@@ -758,12 +767,19 @@ class Monitor:
         outside = self._outside_grads(stepper) if skipping else []
         extras = self._extras_due(stepper, label, positions)
         flag = self._outside_flag(stepper, outside) if outside else None
+        spread = self._replica_spread(stepper, label, positions, norms)
         packed = norms
-        if extras is not None or flag is not None:
-            packed = self._pack(norms, extras, positions, grads, flag)
+        if extras is not None or flag is not None or spread is not None:
+            packed = self._pack(norms, extras, positions, grads, flag, spread)
         copy = HostCopy(packed)  # the one device-to-host copy of this check
         pending = _PendingCheck(
-            context, copy, extras, grads, norms.dtype, flags=1 if outside else 0
+            context,
+            copy,
+            extras,
+            grads,
+            norms.dtype,
+            flags=1 if outside else 0,
+            replica_positions=tuple(stepper.positions) if spread is not None else (),
         )
         # To skip a step with non-finite gradients, the answer must be on the host before the
         # optimizer runs: with on_nonfinite="skip" the check waits for its copy (on CUDA one
@@ -919,6 +935,7 @@ class Monitor:
         positions: list[int],
         grads: list[torch.Tensor],
         flag: torch.Tensor | None,
+        spread: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The norms, the outside flag, the histogram rows, then the weight norms, in one device
         tensor whose dtype holds the norms exactly (float64 norms are never rounded to float32:
@@ -935,14 +952,51 @@ class Monitor:
         if extras is not None and extras.learning_rates is not None:
             weights = [self._table.params[i].detach() for i in positions]
             parts.append(gradient_norms(weights).to(norms.device, dtype, non_blocking=True))
+        if spread is not None:
+            parts.append(spread.to(norms.device, dtype))
         return torch.cat(parts)
+
+    def _replica_spread(
+        self, stepper: Stepper, label: int, positions: list[int], norms: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Every ``replica_every`` checks under data parallelism: each of the optimizer's
+        watched parameters' gradient norm (-1 where absent or not finite), reduced on the device
+        to its largest over the ranks, followed by minus the norms reduced the same way (minus
+        their smallest). One collective of two values per parameter, no host read."""
+        replicas = self._replicas
+        if replicas is None or label % self.options.replica_every:
+            return None
+        layout = {p: j for j, p in enumerate(stepper.positions)}
+        values = torch.full((len(layout),), -1.0, dtype=norms.dtype, device=norms.device)
+        if positions:
+            at = torch.tensor([layout[p] for p in positions], device=norms.device)
+            values[at] = torch.where(torch.isfinite(norms), norms, -1.0)
+        spread = torch.cat([values, -values])
+        try:
+            replicas(spread)
+        except Exception as error:  # the same on every rank: all step aside together
+            self._replicas = None
+            warn_user(
+                f"gradwatch: the replica_divergence check stopped: reducing the gradient norms "
+                f"over the ranks failed ({type(error).__name__}: {error}); training goes on "
+                f"unchanged.",
+                RuntimeWarning,
+            )
+            return None
+        return spread
 
     def _process(self, pending: _PendingCheck) -> list[Finding]:
         context, extras = pending.context, pending.extras
         host = pending.copy.wait()
         count = len(context.indices)
-        packed = extras is not None or pending.flags
+        packed = extras is not None or pending.flags or pending.replica_positions
         context.norms = host[:count].to(pending.norms_dtype) if packed else host
+        compared = len(pending.replica_positions)
+        if compared:
+            spread = host[len(host) - 2 * compared :]
+            context.replica_positions = pending.replica_positions
+            context.replica_high = spread[:compared]
+            context.replica_low = -spread[compared:]
         context.magnitudes, context.overflowed = _magnitudes(context.norms, pending.grads)
         if extras is not None and extras.learning_rates is not None:
             start = count + pending.flags

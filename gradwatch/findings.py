@@ -29,6 +29,7 @@ class Kind(str, Enum):
     NO_UPDATE = "no_update"
     CLIP_ORDER = "clip_order"
     UNREGISTERED_PARAMETER = "unregistered_parameter"
+    REPLICA_DIVERGENCE = "replica_divergence"
     SKIPPED_STEP = "skipped_step"
 
     def __str__(self) -> str:

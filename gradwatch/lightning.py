@@ -221,6 +221,7 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
                 f"its {len(named)} trainable parameters; there are no optimizer steps to check"
             ),
             model=pl_module,
+            replicas=_frontend.replica_reduction(trainer.strategy.model, trainer.world_size),
         )
 
     def on_train_batch_start(

@@ -31,6 +31,14 @@ _open_watchers: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyD
 _open_watchers_lock = threading.Lock()
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return 1
+
+
 def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
@@ -198,6 +206,7 @@ class Watcher:
                 on_finding=settings.on_finding,
                 step_hooks=True,
                 model=model,
+                replicas=_frontend.replica_reduction(model, _world_size()),
             )
         except BaseException:
             with _open_watchers_lock:

@@ -1,6 +1,8 @@
 """The benchmarks run end to end and print a row for every variant (no timing checks)."""
 
 import importlib.util
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,21 @@ def test_gradient_flow_benchmark_prints_every_workload() -> None:
         "| 1,000 tensors (500 modules)",
     ]
     assert rows[-1].split(" | ")[1] == "63"  # bars
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_replica_benchmark_prints_every_variant(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "ddp_replicas.py"
+    output = tmp_path / "ddp.md"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent)},
+    )
+    assert result.returncode == 0, result.stderr
+    table = output.read_text()
+    for variant in ("unwatched", "replicas not compared", "replicas compared every step"):
+        assert re.search(rf"\| [^|]*{variant} \| \d+\.\d{{3}}x \|", table), table

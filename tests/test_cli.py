@@ -106,6 +106,7 @@ ADDED_BY_SCHEMA = {
         Finding(
             Kind.UNREGISTERED_PARAMETER, 0, "blocks[0].weight", 1.0, None, ("blocks[0].weight",)
         ),
+        Finding(Kind.REPLICA_DIVERGENCE, 0, "fc.weight", 0.4, 1e-3, ("fc.weight",)),
     ],
 }
 
@@ -421,9 +422,9 @@ def test_unknown_fail_on_kind_lists_any(tmp_path: Path, capsys: pytest.CaptureFi
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.endswith(
         "unknown kind(s) everything; known kinds: cleared_before_step, clip_order, exploding, inf, "
-        "missing_zero_grad, nan, no_grad, no_update, not_in_optimizer, skipped_step, "
-        "step_not_taken, unexpected_accumulation, unregistered_parameter, vanishing; or any "
-        "(every kind)"
+        "missing_zero_grad, nan, no_grad, no_update, not_in_optimizer, replica_divergence, "
+        "skipped_step, step_not_taken, unexpected_accumulation, unregistered_parameter, "
+        "vanishing; or any (every kind)"
     )
 
 

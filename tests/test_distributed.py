@@ -88,9 +88,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _run_ranks(tmp_path: pathlib.Path, scenarios: list[str], timeout: float) -> list[Any]:
+def run_ranks(
+    tmp_path: pathlib.Path, scenarios: list[str], timeout: float, worker: str = _WORKER
+) -> list[Any]:
+    """Run ``worker`` on every rank (gloo, CPU) with ``scenarios``; each rank's JSON results.
+    A rank still running after ``timeout`` seconds fails the test (a hang)."""
     script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
+    script.write_text(worker)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -129,7 +133,7 @@ def _run_ranks(tmp_path: pathlib.Path, scenarios: list[str], timeout: float) -> 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return _run_ranks(tmp_path_factory.mktemp("ddp"), SCENARIOS, timeout=240)
+    return run_ranks(tmp_path_factory.mktemp("ddp"), SCENARIOS, timeout=240)
 
 
 def _kinds_steps(result: dict[str, Any]) -> list[tuple[str, int]]:

@@ -84,7 +84,7 @@ class Bad:
 _ALL_KINDS = (
     "missing_zero_grad, unexpected_accumulation, nan, inf, exploding, vanishing, no_grad, "
     "not_in_optimizer, cleared_before_step, step_not_taken, no_update, clip_order, "
-    "unregistered_parameter, skipped_step"
+    "unregistered_parameter, replica_divergence, skipped_step"
 )
 _ON_FINDING = r"on_finding must be one of 'warn', 'raise', 'record' or a callable taking a Finding"
 _DIRECTORY = r"log_dir must be a directory \(or a path where one can be created\), got "
@@ -180,7 +180,7 @@ BAD_KEYWORDS: list[Bad] = [
     Bad("unknown=no_grad_afterr", {"no_grad_afterr": 3}, TE,
         r"ENTRY got unknown option\(s\) 'no_grad_afterr'; detector options are: "
         r"no_grad_after, explode_factor, max_grad_norm, warmup_steps, history, vanish_ratio, "
-        r"vanish_steps, no_step_after, ignore"),
+        r"vanish_steps, no_step_after, replica_every, ignore"),
     Bad("unknown=explode_factr", {"explode_factr": 10.0}, TE,
         r"ENTRY got unknown option\(s\) 'explode_factr'; detector options are: "),
     # sinks: a list or tuple of gradwatch.sinks.Sink (or objects with their four methods)
@@ -284,6 +284,10 @@ BAD_KEYWORDS: list[Bad] = [
         r"no_step_after must be an int >= 1, got str '3'"),
     Bad("no_step_after=None", {"no_step_after": None}, TE,
         r"no_step_after must be an int >= 1, got NoneType None"),
+    # replica_every: int >= 1
+    Bad("replica_every=0", {"replica_every": 0}, VE, r"replica_every must be an int >= 1, got 0"),
+    Bad("replica_every=2.0", {"replica_every": 2.0}, TE,
+        r"replica_every must be an int >= 1, got float 2\.0"),
     # ignore: kinds or their names
     Bad("ignore=unknown-kind", {"ignore": ["nan", "nonsense"]}, VE,
         rf"ignore must be kinds \(or their names\) among {_ALL_KINDS}, got \['nan', 'nonsense'\]"),

@@ -27,6 +27,7 @@ KIND_VALUES = [
     "no_update",
     "clip_order",
     "unregistered_parameter",
+    "replica_divergence",
     "skipped_step",
 ]
 
@@ -45,6 +46,7 @@ ADVICE = {
     Kind.NO_UPDATE: "Check the scheduler or warm-up",
     Kind.CLIP_ORDER: "after loss.backward() and before optimizer.step()",
     Kind.UNREGISTERED_PARAMETER: "Keep layers in nn.ModuleList or nn.ModuleDict",
+    Kind.REPLICA_DIVERGENCE: "Call the DistributedDataParallel wrapper, not model.module",
     Kind.SKIPPED_STEP: "fix the loss or lower the learning rate",
 }
 

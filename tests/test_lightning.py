@@ -865,3 +865,16 @@ def test_ddp_skip_on_every_rank_when_one_rank_has_nan(tmp_path: pathlib.Path) ->
         assert reports[rank]["findings"][-1] == ["skipped_step", None, 2]
         assert reports[rank]["unchanged_steps"] == [2]  # every rank skipped step 2, only it
     assert reports[0]["final_weights"] == reports[1]["final_weights"]  # still in step
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_replicas_whose_gradients_differ(tmp_path: pathlib.Path) -> None:
+    # Rank 1 alone halves its all-reduced gradients after backward (lightning_ddp.py).
+    returncode, output, reports = _run_ddp(tmp_path / "halved", "record", "halved")
+    assert returncode == 0, output[-4000:]
+    assert reports[0]["final_weights"] != reports[1]["final_weights"]  # the replicas drifted
+    for rank in (0, 1):
+        kinds_steps = [(kind, step) for kind, _, step in reports[rank]["findings"]]
+        assert kinds_steps == [("replica_divergence", 0)]
+        assert reports[rank]["findings"][0][1].startswith("net.")

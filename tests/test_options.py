@@ -95,6 +95,7 @@ def test_defaults_are_documented_values() -> None:
         vanish_ratio=1e-3,
         vanish_steps=5,
         no_step_after=50,
+        replica_every=10,
         ignore=frozenset(),
     )
 

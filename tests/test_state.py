@@ -237,7 +237,10 @@ def test_states_of_real_runs_load_and_save_again_unchanged(run: Run) -> None:
     ):  # 0.1's, by position; detectors added since start afresh
         saved["detectors"] = dict(zip(RELEASE_1_ORDER, saved["detectors"], strict=True))
         added = set(state["detectors"]) - set(RELEASE_1_ORDER)
-        assert added == {"cleared", "steps", "no_update", "clip_order", "unregistered"}
+        assert added == {
+            "cleared", "steps", "no_update", "clip_order", "unregistered", "replicas"
+        }  # fmt: skip
+        assert state["detectors"]["replicas"] == {}
         assert state["detectors"]["unregistered"] == {}
         assert state["detectors"]["cleared"] == {"streak": {}}
         assert state["detectors"]["steps"] == {}

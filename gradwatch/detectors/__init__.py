@@ -26,6 +26,7 @@ from gradwatch.detectors.clipping import ClipOrderDetector
 from gradwatch.detectors.coverage import CoverageDetector
 from gradwatch.detectors.magnitude import MagnitudeDetector
 from gradwatch.detectors.numerics import NumericsDetector
+from gradwatch.detectors.replicas import ReplicaDetector
 from gradwatch.detectors.steps import StepsDetector
 from gradwatch.detectors.unregistered import UnregisteredDetector
 from gradwatch.detectors.updates import NoUpdateDetector
@@ -41,6 +42,7 @@ REGISTRY: tuple[type[Detector], ...] = (
     NoUpdateDetector,
     ClipOrderDetector,
     UnregisteredDetector,
+    ReplicaDetector,
 )
 
 RELEASE_1_ORDER = ("accumulation", "coverage", "numerics", "magnitude")

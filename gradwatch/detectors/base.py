@@ -166,6 +166,15 @@ class CheckContext:
     unregistered: tuple[Unregistered, ...] = ()
     """Trainable tensors the model uses but does not own, found in a forward pass since the
     previous check (see :mod:`gradwatch._probe`)."""
+    replica_positions: tuple[int, ...] = ()
+    """At a check where the data-parallel ranks' gradients were compared: the positions
+    compared (every watched parameter of the optimizer), in the order of ``replica_low`` and
+    ``replica_high``."""
+    replica_low: torch.Tensor | None = None
+    """Per position compared, the smallest of the ranks' gradient norms (-1 where a rank's is
+    absent or not finite); ``None`` at the other checks."""
+    replica_high: torch.Tensor | None = None
+    """Per position compared, the largest of the ranks' gradient norms."""
     weight_norms: torch.Tensor | None = None
     """``weight_norms[j]``: the norm of ``params[indices[j]]`` at the check, at the checks where
     the weight norms are taken for the update ratios (every ``RATIO_EVERY`` steps while an

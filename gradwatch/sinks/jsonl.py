@@ -15,8 +15,9 @@ FINDINGS_LOG_NAME = "gradwatch-findings.jsonl"
 SCHEMA_VERSION = 4
 """The findings log's record format. 2 adds the kind ``cleared_before_step`` to the fields of 1;
 3 adds the kinds ``step_not_taken`` and ``no_update`` and the field ``cause`` (present only on a
-finding of a kind with several causes); 4 adds the kinds ``clip_order`` and
-``unregistered_parameter`` and the ``no_grad`` cause ``"idle_optimizer"``. A reader of an older
+finding of a kind with several causes); 4 adds the kinds ``clip_order``,
+``unregistered_parameter`` and ``replica_divergence`` and the ``no_grad`` cause
+``"idle_optimizer"``. A reader of an older
 schema cannot read every record, so it must refuse the log, not skip lines."""
 
 

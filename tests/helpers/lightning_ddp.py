@@ -3,8 +3,8 @@
 Run by tests/test_lightning.py as a script (Lightning's DDP launcher starts rank 1 by running
 this file again): ``python lightning_ddp.py OUT_DIR POLICY [SCENARIO]``. SCENARIO ``forgetful``
 (default): rank 1 forgets ``opt.zero_grad()``; ``nan``: rank 1's loss is NaN at one step, with
-``on_nonfinite="skip"``. Every rank writes what its callback reported to ``OUT_DIR/rank<N>.json``
-once ``fit`` returns or raises.
+``on_nonfinite="skip"``; ``halved``: rank 1 halves its all-reduced gradients. Every rank writes
+what its callback reported to ``OUT_DIR/rank<N>.json`` once ``fit`` returns or raises.
 """
 
 from __future__ import annotations
@@ -76,6 +76,33 @@ class NanOnOneRank(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
+class HalvedOnOneRank(pl.LightningModule):
+    """Automatic optimization; after each backward pass rank 1 alone rescales its (already
+    all-reduced) gradients, as a loss normalised by a rank-local count would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def on_after_backward(self) -> None:
+        if self.global_rank == BUGGY_RANK:
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(0.5)
+
+    def on_train_end(self) -> None:
+        self.final = torch.cat([p.detach().flatten() for p in self.parameters()]).tolist()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
 def main(out_dir: str, policy: str, scenario: str = "forgetful") -> None:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -84,7 +111,11 @@ def main(out_dir: str, policy: str, scenario: str = "forgetful") -> None:
     loader = torch.utils.data.DataLoader(data, batch_size=16)
     nan = scenario == "nan"
     callback = GradWatchCallback(on_finding=policy, on_nonfinite="skip" if nan else "report")
-    module = NanOnOneRank() if nan else ForgetfulOnOneRank()
+    module: pl.LightningModule
+    if scenario == "halved":
+        module = HalvedOnOneRank()
+    else:
+        module = NanOnOneRank() if nan else ForgetfulOnOneRank()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -117,6 +148,8 @@ def main(out_dir: str, policy: str, scenario: str = "forgetful") -> None:
             step for step in range(max(weights)) if torch.equal(weights[step], weights[step + 1])
         ]
         report["final_weights"] = weights[max(weights)].tolist()
+    if isinstance(module, HalvedOnOneRank):
+        report["final_weights"] = module.final
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as file:
         json.dump(report, file)
     if error is not None:
