@@ -6,8 +6,8 @@ variant (after 2 untimed ones), interleaved, in the same processes:
 - unwatched: the baseline;
 - gradwatch, replicas not compared (``ignore=["replica_divergence"]``): no collective;
 - gradwatch, compared every 10 checks (the default);
-- gradwatch, compared at every check (``replica_every=1``): one all-reduce of two values per
-  parameter tensor at every step, the worst case.
+- gradwatch, compared at every check (``replica_every=1``): one all-reduce of four values per
+  parameter tensor (two for its gradient, two for its weight) at every step, the worst case.
 
 It prints, per variant, the median over rounds of (variant ms/step) / (baseline ms/step of the
 same round). Ratios, not times: never a pass/fail check.

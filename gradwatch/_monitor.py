@@ -92,8 +92,8 @@ class _PendingCheck:
     """Values after the norms in the host copy: 1 when the gradients of parameters outside the
     watched model were checked too (``on_nonfinite="skip"``), else 0."""
     replica_positions: tuple[int, ...] = ()
-    """The positions whose ranks' norms were reduced; their largest, then minus their smallest,
-    end the host copy."""
+    """The positions whose ranks' norms were reduced: their gradient and weight norms' largest,
+    then minus their smallest, end the host copy."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -960,9 +960,10 @@ class Monitor:
         self, stepper: Stepper, label: int, positions: list[int], norms: torch.Tensor
     ) -> torch.Tensor | None:
         """Every ``replica_every`` checks under data parallelism: each of the optimizer's
-        watched parameters' gradient norm (-1 where absent or not finite), reduced on the device
-        to its largest over the ranks, followed by minus the norms reduced the same way (minus
-        their smallest). One collective of two values per parameter, no host read."""
+        watched parameters' gradient norm (-1 where absent or not finite), then its weight norm,
+        reduced on the device to their largest over the ranks, followed by minus the same values
+        reduced the same way (minus their smallest). One collective of four values per
+        parameter, no host read."""
         replicas = self._replicas
         if replicas is None or label % self.options.replica_every:
             return None
@@ -971,7 +972,10 @@ class Monitor:
         if positions:
             at = torch.tensor([layout[p] for p in positions], device=norms.device)
             values[at] = torch.where(torch.isfinite(norms), norms, -1.0)
-        spread = torch.cat([values, -values])
+        weights = gradient_norms([self._table.params[i].detach() for i in stepper.positions])
+        weights = weights.to(norms.device, norms.dtype)
+        weights = torch.where(torch.isfinite(weights), weights, -1.0)
+        spread = torch.cat([values, weights, -values, -weights])
         try:
             replicas(spread)
         except Exception as error:  # the same on every rank: all step aside together
@@ -993,10 +997,10 @@ class Monitor:
         context.norms = host[:count].to(pending.norms_dtype) if packed else host
         compared = len(pending.replica_positions)
         if compared:
-            spread = host[len(host) - 2 * compared :]
+            spread = host[len(host) - 4 * compared :]
             context.replica_positions = pending.replica_positions
-            context.replica_high = spread[:compared]
-            context.replica_low = -spread[compared:]
+            context.replica_high = spread[: 2 * compared]
+            context.replica_low = -spread[2 * compared :]
         context.magnitudes, context.overflowed = _magnitudes(context.norms, pending.grads)
         if extras is not None and extras.learning_rates is not None:
             start = count + pending.flags

@@ -56,7 +56,8 @@ class Finding:
             ``"overflow"`` or ``"no_optimizer"``; ``no_update``: ``"zero_lr"`` or
             ``"unchanged"``; ``clip_order``: ``"after_step"``, ``"before_backward"`` or
             ``"before_unscale"``; ``no_grad``: ``"idle_optimizer"`` when a whole optimizer
-            trains nothing); ``None`` otherwise.
+            trains nothing; ``replica_divergence``: ``"gradients"`` or ``"weights"``);
+            ``None`` otherwise.
 
     Example:
         >>> f = Finding(Kind.NAN, step=3, param="fc.weight", params=("fc.weight",))

@@ -106,7 +106,7 @@ ADDED_BY_SCHEMA = {
         Finding(
             Kind.UNREGISTERED_PARAMETER, 0, "blocks[0].weight", 1.0, None, ("blocks[0].weight",)
         ),
-        Finding(Kind.REPLICA_DIVERGENCE, 0, "fc.weight", 0.4, 1e-3, ("fc.weight",)),
+        Finding(Kind.REPLICA_DIVERGENCE, 0, "fc.weight", 0.4, 1e-3, ("fc.weight",), "gradients"),
     ],
 }
 

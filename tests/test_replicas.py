@@ -26,6 +26,7 @@ SCENARIOS = [
     "bypassed",
     "bypassed_every_3",
     "no_sync_left_on",
+    "loaded_on_rank0",
     "no_sync_accumulation",
     "zero",
     "find_unused",
@@ -74,6 +75,10 @@ for scenario in sys.argv[2:]:
         )
     else:
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    if scenario == "loaded_on_rank0" and rank == 0:
+        # A checkpoint loaded on rank 0 only, after DDP broadcast the initial weights.
+        with torch.no_grad():
+            model.body[0].weight.mul_(1.1)
     micro = 2 if scenario.startswith("no_sync") else 1
     options = {{"on_finding": "record", "accumulation_steps": micro}}
     if scenario == "bypassed_every_3":
@@ -102,7 +107,8 @@ for scenario in sys.argv[2:]:
     dist.all_gather(gathered, weights)
     results[scenario] = {{
         "findings": [
-            [f.kind.value, f.step, f.param, list(f.params), f.value] for f in watcher.findings
+            [f.kind.value, f.step, f.param, list(f.params), f.value, f.cause]
+            for f in watcher.findings
         ],
         "replicas_differ": not torch.equal(gathered[0], gathered[1]),
         "step": watcher.step,
@@ -128,11 +134,27 @@ def test_gradients_that_were_never_averaged(ranks: list[dict[str, Any]], scenari
         result = rank[scenario]
         assert result["replicas_differ"]  # the bug bites: two different models after training
         assert _found(result) == [("replica_divergence", 0)]
-        _, _, param, params, value = result["findings"][0]
+        _, _, param, params, value, cause = result["findings"][0]
         assert param == params[0] and param.startswith("module.body.")
         assert value > 1e-3
+        assert cause == "gradients"
     # Both ranks name the same parameters: they judge the same reduced norms.
     assert ranks[0][scenario]["findings"] == ranks[1][scenario]["findings"]
+
+
+def test_weights_loaded_on_one_rank_only(ranks: list[dict[str, Any]]) -> None:
+    """DDP averages the gradients, so they agree; the weights do not."""
+    for rank in ranks:
+        result = rank["loaded_on_rank0"]
+        assert result["replicas_differ"]
+        assert _found(result) == [("replica_divergence", 0)]
+        _, _, param, params, value, cause = result["findings"][0]
+        assert (param, params, cause) == (
+            "module.body.0.weight",
+            ["module.body.0.weight"],
+            "weights",
+        )
+        assert value == pytest.approx(0.1 / 1.1, rel=1e-4)
 
 
 def test_compared_every_replica_every_checks(ranks: list[dict[str, Any]]) -> None:

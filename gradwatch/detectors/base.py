@@ -172,9 +172,11 @@ class CheckContext:
     ``replica_high``."""
     replica_low: torch.Tensor | None = None
     """Per position compared, the smallest of the ranks' gradient norms (-1 where a rank's is
-    absent or not finite); ``None`` at the other checks."""
+    absent or not finite), then the smallest of their weight norms; ``None`` at the other
+    checks."""
     replica_high: torch.Tensor | None = None
-    """Per position compared, the largest of the ranks' gradient norms."""
+    """Per position compared, the largest of the ranks' gradient norms, then of their weight
+    norms."""
     weight_norms: torch.Tensor | None = None
     """``weight_norms[j]``: the norm of ``params[indices[j]]`` at the check, at the checks where
     the weight norms are taken for the update ratios (every ``RATIO_EVERY`` steps while an
