@@ -736,6 +736,9 @@ class Monitor:
             else:
                 missing.append(i)
         reached, rewritten = self._rewritten(stepper, positions, grads)
+        # After backward(create_graph=True) the gradients are part of a graph: their statistics
+        # are read detached (the checks above needed the tensors themselves).
+        grads = [g.detach() if g.requires_grad else g for g in grads]
         optimizer = stepper.optimizer()
         learning_rates = () if optimizer is None else _group_lrs(optimizer, stepper, positions)
         stepper.label = label

@@ -1317,3 +1317,27 @@ def test_lightning_dqn_target_network(tmp_path: pathlib.Path) -> None:
     trainer.fit(DQN(), torch.utils.data.DataLoader(data, batch_size=16))
     assert callback.findings == []
     assert callback.step == 12
+
+
+# ---------------------------------------------------------------- backward(create_graph=True)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["report", "skip"])
+def test_backward_with_create_graph(tmp_path: pathlib.Path, on_nonfinite: str) -> None:
+    """Second-order training keeps the gradients in a graph (they require grad): they are
+    checked, histogrammed and skipped on like any others."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = _data()
+
+    def step(_: int) -> None:
+        x, y = regression_batch(generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward(create_graph=True)
+        assert all(p.grad is not None and p.grad.requires_grad for p in model.parameters())
+        opt.step()  # checked with the gradients still in their graph
+
+    options: dict[str, Any] = {"log_dir": tmp_path, "histogram_every": 1}
+    watcher = train(model, opt, steps=6, step_fn=step, on_nonfinite=on_nonfinite, **options)
+    assert watcher.findings == []
+    assert watcher.step == 6
