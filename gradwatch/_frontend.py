@@ -355,10 +355,8 @@ class Session:
                     self.registry.add_step_post_hook(optimizer, monitor.after_step)
             if model is not None and monitor.probes_forward:
                 self.probe = ForwardProbe(model, monitor.held, monitor.unregistered_found)
-                self.registry.adopt(self.probe.handles)
+                self.registry.adopt(self.probe.handles)  # removed with every other hook
         except BaseException:
-            if self.probe is not None:
-                self.probe.remove()
             self.registry.remove()
             if monitor is not None:
                 monitor.close()
@@ -369,8 +367,6 @@ class Session:
 
     def close(self) -> None:
         """Remove every hook, report what is in flight (never raising), close the outputs."""
-        if self.probe is not None:
-            self.probe.remove()
         self.registry.remove()
         self.monitor.close()
 
@@ -443,7 +439,9 @@ class FrameworkWatch:
     trainings (a second ``fit``) and through :meth:`state_dict` (a checkpoint).
 
     Distributed training: every rank runs its own monitor over its own gradients, with no
-    collective in any gradient hook or check. Findings are queued, and at :meth:`exchange` every
+    collective in any gradient hook, and in a check only the replica comparison's all-reduce
+    under DDP (every ``replica_every`` checks, which every rank makes at the same step).
+    Findings are queued, and at :meth:`exchange` every
     rank takes part in the same exchange: a one-element sum of the queued counts, then, only
     when that sum is non-zero (a value every rank receives, so every rank takes the same
     branch), one object broadcast per rank. Whether a rank found anything never decides whether
@@ -460,6 +458,7 @@ class FrameworkWatch:
         self.name = name
         """The callback's class name, used in messages about its state."""
         self._session: Session | None = None
+        self._batch: object = None
         self._findings: list[Finding] = []
         self._published: set[tuple[Kind, str | None]] = set()
         self._outbox: list[tuple[int, Finding]] = []
@@ -661,12 +660,17 @@ class FrameworkWatch:
         if self._world_size == 1:
             self._publish(self._take(), raising=True)
 
-    def look_at_loss(self, loss: object, inputs: object) -> None:
+    def batch_inputs(self, batch: object) -> None:
+        """The batch a training step starts with (``None`` once it ends): tensors that
+        :meth:`look_at_loss` does not take for parameters."""
+        self._batch = batch
+
+    def look_at_loss(self, loss: object) -> None:
         """A training step's loss, before its backward pass: the forward probe looks at its
         graph while it is active (the framework's step may not call the model's forward)."""
         session = self._session
         if session is not None and session.probe is not None and session.probe.active:
-            session.probe.look_at(loss, inputs)
+            session.probe.look_at(loss, self._batch)
 
     def exchange(self) -> None:
         """Exchange and publish queued findings; every rank calls it at the same point."""

@@ -52,6 +52,8 @@ from gradwatch.detectors import (
     StallContext,
 )
 from gradwatch.detectors.base import by_arrival
+from gradwatch.detectors.replicas import ReplicaDetector
+from gradwatch.detectors.unregistered import UnregisteredDetector
 from gradwatch.findings import (
     Finding,
     GradWatchTypeError,
@@ -184,24 +186,28 @@ class Monitor:
         self._hand: _HandSteps | None = None
         self._no_step_limit = options.no_step_after * accumulation_steps
         self._no_optimizer_reported = False
-        if any(d.phase is Phase.NO_STEP for d in self._detectors):
+        # Only detectors with a kind that is not ignored make gradwatch touch torch, the model
+        # or the ranks (the clip wrappers, the forward probe, the replica collective).
+        reporting = [d for d in self._detectors if set(d.kinds) - options.ignore]
+        if any(d.phase is Phase.NO_STEP for d in reporting):
             self.tracker.set_alarm(self._no_step_limit, self._on_overdue)
         self._position_of = {id(p): i for i, p in enumerate(self._table.params)}
         self._clips: deque[_Clip] = deque(maxlen=CLIPS_KEPT)
-        self._replicas = replicas
+        self._replicas = (
+            replicas if any(isinstance(d, ReplicaDetector) for d in reporting) else None
+        )
         """Reduces a device tensor in place to its elementwise largest over the data-parallel
         ranks (every rank checks at the same steps); ``None`` when there are none to compare."""
-        if not any(d.name == "replicas" and set(d.kinds) - options.ignore for d in self._detectors):
-            self._replicas = None
+        self.probes_forward = any(isinstance(d, UnregisteredDetector) for d in reporting)
+        """Whether a detector reads what the forward probe finds."""
         self._unregistered: list[Unregistered] = []
         """Found by the forward probe, reported at the next check."""
         self._clip_sites: dict[int, int] = {}
         """Per optimizer group, the first judged parameter of its latest clip: the call an
         unscale with no clip since the step judges well placed."""
         self._clip_listening: _clipping.ListenHandle | None = None
-        if any(d.phase is Phase.CLIP and set(d.kinds) - options.ignore for d in self._detectors):
-            # Last: nothing below can fail and leave torch's clip functions wrapped. With every
-            # kind of the clip detectors ignored, torch is not touched at all.
+        if any(d.phase is Phase.CLIP for d in reporting):
+            # Last: nothing below can fail and leave torch's clip functions wrapped.
             self._clip_listening = _clipping.listen(self)
 
     @property
@@ -436,13 +442,6 @@ class Monitor:
         return go_ahead
 
     # ------------------------------------------------------------------ the forward probe
-
-    @property
-    def probes_forward(self) -> bool:
-        """Whether a detector reads what the forward probe finds (its kinds not all ignored)."""
-        return any(
-            d.name == "unregistered" and set(d.kinds) - self.options.ignore for d in self._detectors
-        )
 
     def held(self) -> set[int]:
         """Ids of the watched parameters and of every parameter a watched optimizer holds."""
@@ -723,6 +722,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ the statistics pass
 
+    @torch.no_grad()  # after backward(create_graph=True) the gradients are part of a graph
     def _check(self, stepper: Stepper, label: int, *, before_update: bool) -> None:
         params = self._table.params
         positions: list[int] = []
@@ -736,9 +736,6 @@ class Monitor:
             else:
                 missing.append(i)
         reached, rewritten = self._rewritten(stepper, positions, grads)
-        # After backward(create_graph=True) the gradients are part of a graph: their statistics
-        # are read detached (the checks above needed the tensors themselves).
-        grads = [g.detach() if g.requires_grad else g for g in grads]
         optimizer = stepper.optimizer()
         learning_rates = () if optimizer is None else _group_lrs(optimizer, stepper, positions)
         stepper.label = label

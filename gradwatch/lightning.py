@@ -43,7 +43,9 @@ either ``Trainer``. Importing :mod:`gradwatch` never imports Lightning; importin
 without either package installed raises an :class:`ImportError` that says what to install.
 
 Distributed training: every rank runs its own monitor over its own gradients, with no collective
-in any gradient hook or check. Findings are queued, and at ``on_train_batch_end`` (and once at
+in any gradient hook, and in a check only the replica comparison's all-reduce under DDP (every
+``replica_every`` checks, which every rank makes at the same step). Findings are queued, and at
+``on_train_batch_end`` (and once at
 ``on_train_end``) every rank takes part in the same exchange: a one-element sum of the queued
 counts, then, only when that sum is non-zero (a value every rank receives, so every rank takes
 the same branch), one object broadcast per rank. Every rank reaches ``on_train_batch_end`` for
@@ -227,12 +229,12 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = batch
+        self._core.batch_inputs(batch)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        self._core.look_at_loss(loss, getattr(self, "_batch", None))
+        self._core.look_at_loss(loss)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -247,7 +249,7 @@ class GradWatchCallback(CallbackSurface, _CallbackBase):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._batch = None
+        self._core.batch_inputs(None)
         self._core.exchange()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

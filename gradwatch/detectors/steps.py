@@ -79,11 +79,12 @@ class StepsDetector(Detector):
     phase = Phase.NO_STEP
 
     def stalled(self, ctx: StallContext) -> list[Finding]:
-        value, limit = float(ctx.passes), float(ctx.limit)
+        limit = float(ctx.limit)
         if not ctx.stalled:
             if ctx.optimizers_known:
                 return []  # the passes reached no watched optimizer's parameters
-            return [Finding(Kind.STEP_NOT_TAKEN, ctx.step, None, value, limit, cause=NO_OPTIMIZER)]
+            passes = float(ctx.passes)
+            return [Finding(Kind.STEP_NOT_TAKEN, ctx.step, None, passes, limit, cause=NO_OPTIMIZER)]
         arrival = ctx.tracker.arrival
         findings = []
         for _, positions, passes in ctx.stalled:
