@@ -35,10 +35,15 @@ from gradwatch.detectors.clipping import (
     ClipOrderDetector,
 )
 from gradwatch.findings import GradWatchTypeError, GradWatchValueError
-from tests.helpers.models import EncoderDecoder, cnn_bn, mlp, regression_batch, train
-
-MLP_BY_ARRIVAL = ("4.bias", "4.weight", "2.bias", "2.weight", "0.bias", "0.weight")
-"""The parameters of ``mlp()`` in the order their gradients arrive (nearest the loss first)."""
+from tests.helpers.lightning_fit import fit, loader
+from tests.helpers.models import (
+    MLP_BY_ARRIVAL,
+    EncoderDecoder,
+    cnn_bn,
+    mlp,
+    regression_batch,
+    train,
+)
 
 ENCODER_DECODER_BY_ARRIVAL = (
     "decoder.2.bias",
@@ -325,15 +330,8 @@ def test_lightning_manual_optimization_clipping_after_the_step(tmp_path: pathlib
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
-    x = torch.randn(64, 8, generator=_data())
-    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
     callback = GradWatchCallback(on_finding="record", log_dir=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-        callbacks=[callback],
-    )  # fmt: skip
-    trainer.fit(LateClip(), torch.utils.data.DataLoader(data, batch_size=16))
+    fit(pl, LateClip(), [callback], tmp_path, steps=4, data=loader(batches=4, seed=1))
     found = [f for f in callback.findings if f.kind is Kind.CLIP_ORDER]
     assert [(f.cause, f.step, f.threshold) for f in found] == [(AFTER_STEP, 1, 0.01)]
     assert found[0].param == "model.decoder.2.bias"

@@ -13,6 +13,7 @@ from torch import nn
 import gradwatch
 from gradwatch import Finding, Kind
 from gradwatch.detectors.coverage import IDLE_OPTIMIZER
+from tests.helpers.lightning_fit import fit, loader
 from tests.helpers.models import (
     GAN,
     EncoderDecoder,
@@ -443,15 +444,8 @@ def test_an_idle_optimizer_in_lightning_manual_optimization(tmp_path: pathlib.Pa
                 torch.optim.SGD(self.net.head.parameters(), lr=0.05),
             ]
 
-    x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
-    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
     callback = GradWatchCallback(on_finding="record", log_dir=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=16, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-        callbacks=[callback],
-    )  # fmt: skip
-    trainer.fit(TwoOptimizers(), torch.utils.data.DataLoader(data, batch_size=16))
+    fit(pl, TwoOptimizers(), [callback], tmp_path, steps=16, data=loader(batches=8))
     assert [(f.kind, f.cause) for f in callback.findings] == [(Kind.NO_GRAD, IDLE_OPTIMIZER)]
     assert callback.findings[0].params == ("net.encoder.0.weight", "net.encoder.0.bias")
 

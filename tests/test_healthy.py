@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gradwatch
+from tests.helpers.lightning_fit import fit, loader
 from tests.helpers.models import (
     GAN,
     EncoderDecoder,
@@ -24,6 +25,7 @@ from tests.helpers.models import (
     regression_batch,
     sequence_batch,
     train,
+    weights,
 )
 
 
@@ -89,7 +91,14 @@ def test_lstm_adam() -> None:
     assert watcher.findings == []
 
 
-def test_declared_accumulation() -> None:
+@pytest.mark.parametrize(
+    ("steps", "options"),
+    [(20, {}), (10, {"no_step_after": 1})],
+    ids=["default", "step_not_taken-limit-of-one-window"],
+)
+def test_declared_accumulation(steps: int, options: dict[str, Any]) -> None:
+    """Four passes per step, declared. With ``no_step_after=1`` the limit of step_not_taken is
+    ``1 * 4``: undeclared, the third pass would begin with more than one before it."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = _data()
@@ -102,9 +111,9 @@ def test_declared_accumulation() -> None:
         opt.step()
         opt.zero_grad()
 
-    watcher = train(model, opt, steps=20, step_fn=step, accumulation_steps=k)
+    watcher = train(model, opt, steps=steps, step_fn=step, accumulation_steps=k, **options)
     assert watcher.findings == []
-    assert watcher.step == 20
+    assert watcher.step == steps
 
 
 def _zeroing_loop(zero: str) -> gradwatch.Watcher:
@@ -573,10 +582,6 @@ def test_sparse_embedding_with_sparse_adam() -> None:
 # Each opens an output (log_dir), so the weight norms are taken every 10 steps and judged.
 
 
-def _weights_now(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
@@ -610,7 +615,7 @@ def test_warmup_whose_first_step_has_lr_zero(tmp_path_factory: pytest.TempPathFa
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 10))
     step = _Regression(model, opt, sched)
-    before = _weights_now(model)
+    before = weights(model)
     watcher = train(
         model,
         opt,
@@ -619,7 +624,7 @@ def test_warmup_whose_first_step_has_lr_zero(tmp_path_factory: pytest.TempPathFa
         log_dir=tmp_path_factory.mktemp("warmup"),
     )
     assert step.lrs[0] == 0.0 and step.lrs[1] > 0.0  # step 0 (a weight-norm step) cannot move them
-    assert not _same(before, _weights_now(model))
+    assert not _same(before, weights(model))
     assert watcher.findings == []
 
 
@@ -634,7 +639,7 @@ def test_frozen_backbone_as_a_group_with_lr_zero(tmp_path_factory: pytest.TempPa
             {"params": list(model.decoder.parameters()), "lr": 0.05},
         ]
     )
-    encoder, decoder = _weights_now(model.encoder), _weights_now(model.decoder)
+    encoder, decoder = weights(model.encoder), weights(model.decoder)
     watcher = train(
         model,
         opt,
@@ -643,8 +648,8 @@ def test_frozen_backbone_as_a_group_with_lr_zero(tmp_path_factory: pytest.TempPa
         log_dir=tmp_path_factory.mktemp("backbone"),
     )
     assert all(p.grad is not None for p in model.encoder.parameters())
-    assert _same(encoder, _weights_now(model.encoder))
-    assert not _same(decoder, _weights_now(model.decoder))
+    assert _same(encoder, weights(model.encoder))
+    assert not _same(decoder, weights(model.decoder))
     assert watcher.findings == []
 
 
@@ -656,7 +661,7 @@ def test_frozen_parameters_given_to_the_optimizer(
     model = mlp(depth=4)
     model[0].requires_grad_(False)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    frozen = _weights_now(model[0])
+    frozen = weights(model[0])
     watcher = train(
         model,
         opt,
@@ -664,7 +669,7 @@ def test_frozen_parameters_given_to_the_optimizer(
         step_fn=_Regression(model, opt),
         log_dir=tmp_path_factory.mktemp("frozen"),
     )
-    assert _same(frozen, _weights_now(model[0]))
+    assert _same(frozen, weights(model[0]))
     assert watcher.findings == []
 
 
@@ -683,7 +688,7 @@ def test_steps_skipped_for_nan_leave_the_weights_unchanged(
     at: dict[int, list[torch.Tensor]] = {}
 
     def step(i: int) -> None:
-        at[i] = _weights_now(model)
+        at[i] = weights(model)
         x, y = regression_batch(generator=g)
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
@@ -757,10 +762,10 @@ def test_gradients_exactly_zero_everywhere_with_lr_zero(
         (nn.functional.mse_loss(model(x), y) * 0.0).backward()
         opt.step()
 
-    before = _weights_now(model)
+    before = weights(model)
     watcher = train(model, opt, steps=25, step_fn=step, log_dir=tmp_path_factory.mktemp("zero"))
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
-    assert _same(before, _weights_now(model))
+    assert _same(before, weights(model))
     assert watcher.findings == []
 
 
@@ -790,7 +795,7 @@ def test_float32_training_with_log_dir(tmp_path_factory: pytest.TempPathFactory)
     moved: list[bool] = []
 
     def step(i: int) -> None:
-        before = _weights_now(model)
+        before = weights(model)
         inner(i)
         moved.append(
             not any(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
@@ -803,27 +808,8 @@ def test_float32_training_with_log_dir(tmp_path_factory: pytest.TempPathFactory)
 
 # ---------------------------------------------------------------- step_not_taken look-alikes
 # Backward passes that no step follows at once, and that are not the bug (tests/test_steps.py
-# has the bugs). Each runs with a small no_step_after, so the limit is tight.
-
-
-def test_declared_accumulation_at_a_limit_of_one_window() -> None:
-    """Four passes per step, declared: the limit is ``1 * 4``. Undeclared, the third pass
-    would begin with more than one before it."""
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = _data()
-    k = 4
-
-    def step(_: int) -> None:
-        for _micro in range(k):
-            x, y = regression_batch(batch=8, generator=g)
-            (nn.functional.mse_loss(model(x), y) / k).backward()
-        opt.step()
-        opt.zero_grad()
-
-    watcher = train(model, opt, steps=10, step_fn=step, accumulation_steps=k, no_step_after=1)
-    assert watcher.findings == []
-    assert watcher.step == 10
+# has the bugs). Each runs with a small no_step_after, so the limit is tight; declared
+# accumulation at a limit of one window is a row of test_declared_accumulation above.
 
 
 def test_evaluation_under_no_grad_between_steps() -> None:
@@ -907,7 +893,7 @@ def test_wgan_five_critic_steps_per_generator_step_at_a_limit_of_three() -> None
     opt_g = torch.optim.RMSprop(gan.generator.parameters(), lr=5e-4)
     opt_d = torch.optim.RMSprop(gan.discriminator.parameters(), lr=5e-4)
     g = _data()
-    generator = _weights_now(gan.generator)
+    generator = weights(gan.generator)
     with gradwatch.watch(gan, [opt_g, opt_d], on_finding="record", no_step_after=3) as watcher:
         for _ in range(6):
             for _ in range(5):
@@ -920,7 +906,7 @@ def test_wgan_five_critic_steps_per_generator_step_at_a_limit_of_three() -> None
             (-gan.discriminator(gan.generator(torch.randn(16, 4, generator=g))).mean()).backward()
             assert all(p.grad is not None for p in gan.discriminator.parameters())
             opt_g.step()
-    assert not _same(generator, _weights_now(gan.generator))
+    assert not _same(generator, weights(gan.generator))
     assert watcher.findings == []
     assert watcher.step == 30
 
@@ -972,28 +958,14 @@ def test_lightning_accumulate_grad_batches_at_a_limit_of_one_window(
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(16 * 16, 8, generator=generator)
-    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
-
-    def fit(callback: Any) -> Any:
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=4,
+    def accumulating(callback: Any) -> Any:
+        return fit(
+            pl, Regressor(), [callback], tmp_path, steps=4, data=loader(batches=16),
             accumulate_grad_batches=4,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(tmp_path),
-            callbacks=[callback],
-        )
-        trainer.fit(Regressor(), torch.utils.data.DataLoader(data, batch_size=16))
-        return trainer
+        )  # fmt: skip
 
     callback = GradWatchCallback(on_finding="record", log_dir=False, no_step_after=1)
-    trainer = fit(callback)
+    trainer = accumulating(callback)
     assert callback.accumulation_steps is None  # read from the Trainer
     assert trainer.global_step == callback.step == 4
     assert callback.findings == []
@@ -1002,7 +974,7 @@ def test_lightning_accumulate_grad_batches_at_a_limit_of_one_window(
     strict = GradWatchCallback(
         on_finding="record", log_dir=False, no_step_after=1, accumulation_steps=1
     )
-    fit(strict)
+    accumulating(strict)
     assert [(f.kind, f.cause, f.step, f.value, f.threshold) for f in strict.findings] == [
         (gradwatch.Kind.STEP_NOT_TAKEN, "no_step", 0, 2.0, 1.0),
         (gradwatch.Kind.UNEXPECTED_ACCUMULATION, None, 0, 4.0, 1.0),
@@ -1309,12 +1281,7 @@ def test_lightning_dqn_target_network(tmp_path: pathlib.Path) -> None:
         torch.randn(16 * 12, 8, generator=generator), torch.randn(16 * 12, 1, generator=generator)
     )
     callback = GradWatchCallback(on_finding="record", log_dir=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=12, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-        callbacks=[callback],
-    )  # fmt: skip
-    trainer.fit(DQN(), torch.utils.data.DataLoader(data, batch_size=16))
+    fit(pl, DQN(), [callback], tmp_path, data=torch.utils.data.DataLoader(data, batch_size=16))
     assert callback.findings == []
     assert callback.step == 12
 

@@ -27,6 +27,7 @@ from gradwatch import GradientError, GradWatchError, GradWatchWarning, Kind
 from gradwatch.sinks.jsonl import FINDINGS_LOG_NAME
 from tests.helpers.clipping import clip_spy
 from tests.helpers.contract import state_differences
+from tests.helpers.lightning_fit import fit, loader
 from tests.helpers.models import GAN, EncoderDecoder
 
 lightning_callback = pytest.importorskip("gradwatch.lightning")
@@ -46,13 +47,6 @@ def pl(request: pytest.FixtureRequest) -> ModuleType:
 def lpl() -> ModuleType:
     """``lightning.pytorch``, for the tests where the namespace does not matter."""
     return pytest.importorskip("lightning.pytorch")
-
-
-def loader(batches: int = 32, batch_size: int = 16) -> torch.utils.data.DataLoader[Any]:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batches * batch_size, 8, generator=generator)
-    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
-    return torch.utils.data.DataLoader(data, batch_size=batch_size)
 
 
 @functools.cache
@@ -207,33 +201,6 @@ def modules(pl: ModuleType) -> SimpleNamespace:
     return SimpleNamespace(
         Regressor=Regressor, Manual=Manual, TinyGAN=TinyGAN, Frozen=Frozen, Snapshots=Snapshots
     )
-
-
-def fit(
-    pl: ModuleType,
-    module: Any,
-    callbacks: Any,
-    tmp_path: pathlib.Path,
-    *,
-    steps: int = 12,
-    ckpt_path: str | None = None,
-    **trainer_options: Any,
-) -> Any:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
-        "log_every_n_steps": 1,
-        **trainer_options,
-    }
-    trainer = pl.Trainer(callbacks=callbacks, **options)
-    trainer.fit(module, loader(), ckpt_path=ckpt_path)
-    return trainer
 
 
 def kinds(callback: Any) -> list[str]:

@@ -25,7 +25,17 @@ from torch import nn
 import gradwatch
 from gradwatch import Finding, GradientError, GradWatchWarning, Kind
 from gradwatch.detectors.steps import NO_OPTIMIZER, NO_STEP, OVERFLOW
-from tests.helpers.models import GAN, EncoderDecoder, cnn_bn, mlp, regression_batch
+from tests.helpers.lightning_fit import fit, loader
+from tests.helpers.models import (
+    GAN,
+    MLP_BY_ARRIVAL,
+    EncoderDecoder,
+    cnn_bn,
+    mlp,
+    regression_batch,
+    unchanged,
+    weights,
+)
 
 LIMIT = 3
 """``no_step_after`` of these tests: small, so a run is a few passes."""
@@ -35,23 +45,13 @@ FIRST = LIMIT + 2
 PASSES = LIMIT + 1
 """The finding's value: the passes before that one, which no step followed."""
 
-MLP_BY_ARRIVAL = ("4.bias", "4.weight", "2.bias", "2.weight", "0.bias", "0.weight")
-"""The parameters of ``mlp()`` in the order their gradients arrive (nearest the loss first)."""
 MLP_FP16_BY_ARRIVAL = ("4.weight", "4.bias", "2.weight", "2.bias", "0.weight", "0.bias")
-"""The same under float16 autocast, where each weight's gradient comes through its cast."""
+"""``MLP_BY_ARRIVAL`` under float16 autocast, where each weight's gradient comes through its
+cast."""
 
 
 def _data() -> torch.Generator:
     return torch.Generator().manual_seed(1)
-
-
-def _weights(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def _unchanged(before: list[torch.Tensor], model: nn.Module) -> bool:
-    """Whether every parameter is bit for bit what it was."""
-    return all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
 def _fields(findings: list[Finding]) -> list[tuple[Any, ...]]:
@@ -78,13 +78,13 @@ def test_forgotten_step_is_found_once_the_passes_exceed_the_limit() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     backward = _regression_pass(model, opt, _data())
-    before = _weights(model)
+    before = weights(model)
     seen: list[int] = []
     with gradwatch.watch(model, opt, on_finding="record", no_step_after=LIMIT) as watcher:
         for _ in range(30):
             backward()
             seen.append(len(watcher.findings))
-    assert _unchanged(before, model)  # the bug bites: thirty passes, not one weight moved
+    assert unchanged(before, model)  # the bug bites: thirty passes, not one weight moved
     assert watcher.step == 0
     # Made at the end of the fifth pass (the first that began with more than 3 before it).
     assert seen == [0] * (FIRST - 1) + [1] * (30 - FIRST + 1)
@@ -107,9 +107,9 @@ def test_a_step_restarts_the_count_and_it_can_be_reported_again() -> None:
     with gradwatch.watch(model, opt, on_finding="record", no_step_after=LIMIT) as watcher:
         for _ in range(10):
             backward()
-        before = _weights(model)
+        before = weights(model)
         opt.step()  # the one step of the run: it uses the gradients of the tenth pass
-        assert not _unchanged(before, model)
+        assert not unchanged(before, model)
         for _ in range(10):
             backward()
             occurrences.append(watcher.occurrences[(Kind.STEP_NOT_TAKEN, "4.bias")])
@@ -150,7 +150,7 @@ def test_cnn_with_adam_and_declared_accumulation() -> None:
     model = cnn_bn()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = _data()
-    before = _weights(model)
+    before = weights(model)
     seen: list[int] = []
     with gradwatch.watch(
         model, opt, on_finding="record", no_step_after=LIMIT, accumulation_steps=2
@@ -160,7 +160,7 @@ def test_cnn_with_adam_and_declared_accumulation() -> None:
             y = (x.mean(dim=(1, 2, 3)) > 0).long()
             nn.functional.cross_entropy(model(x), y).backward()  # accumulate ... and never step
             seen.append(len(watcher.findings))
-    assert _unchanged(before, model)
+    assert unchanged(before, model)
     assert seen == [0] * 7 + [1] * 5
     assert not opt.state  # Adam never took a step: no moments
     assert _fields(watcher.findings) == [
@@ -180,10 +180,10 @@ def test_the_step_forgotten_after_a_few_steps_when_following_every_optimizer() -
         for _ in range(2):
             backward()
             opt.step()
-        before = _weights(model)
+        before = weights(model)
         for _ in range(10):
             backward()
-    assert _unchanged(before, model)
+    assert unchanged(before, model)
     assert watcher.step == 2
     assert _fields(watcher.findings) == [
         (Kind.STEP_NOT_TAKEN, NO_STEP, 2, "4.bias", float(PASSES), float(LIMIT))
@@ -238,7 +238,7 @@ def test_grad_scaler_skipping_every_step_is_an_overflow() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     g = _data()
-    before = _weights(model)
+    before = weights(model)
     with gradwatch.watch(model, opt, on_finding="record", no_step_after=LIMIT) as watcher:
         for _ in range(10):
             x, y = regression_batch(generator=g)
@@ -249,7 +249,7 @@ def test_grad_scaler_skipping_every_step_is_an_overflow() -> None:
             scaler.scale(nn.functional.mse_loss(out.float(), y)).backward()
             scaler.step(opt)
             scaler.update()
-    assert _unchanged(before, model)
+    assert unchanged(before, model)
     assert scaler.get_scale() == 2.0**16 / 2**10  # halved at each of the ten skipped steps
     assert watcher.step == 0
     assert _fields(watcher.findings) == [
@@ -300,10 +300,10 @@ def test_hand_updates_without_mark_step_say_nothing_is_checked(zero_grad: bool) 
     """No torch.optim optimizer ever steps: gradwatch checks nothing, and says so once. With
     ``zero_grad`` forgotten too, that bug goes unreported: nothing is checked."""
     model = mlp()
-    before = _weights(model)
+    before = weights(model)
     with gradwatch.watch(model, on_finding="record", no_step_after=LIMIT) as watcher:
         _hand_loop(watcher, model, 30, mark=False, zero_grad=zero_grad)
-    assert not _unchanged(before, model)  # the weights do train, by hand
+    assert not unchanged(before, model)  # the weights do train, by hand
     assert watcher.step == 0
     assert _fields(watcher.findings) == [
         (Kind.STEP_NOT_TAKEN, NO_OPTIMIZER, 0, None, float(PASSES), float(LIMIT))
@@ -320,11 +320,11 @@ def test_an_optimizer_never_stepped_with_watch_following_every_optimizer() -> No
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     backward = _regression_pass(model, opt, _data())
-    before = _weights(model)
+    before = weights(model)
     with gradwatch.watch(model, on_finding="record", no_step_after=LIMIT) as watcher:
         for _ in range(10):
             backward()
-    assert _unchanged(before, model)
+    assert unchanged(before, model)
     assert _fields(watcher.findings) == [
         (Kind.STEP_NOT_TAKEN, NO_OPTIMIZER, 0, None, float(PASSES), float(LIMIT))
     ]
@@ -359,11 +359,11 @@ def test_mark_step_returns_false_when_skip_cleared_the_gradients() -> None:
         model, on_finding="record", on_nonfinite="skip", no_step_after=LIMIT
     ) as watcher:
         answers = _hand_loop(watcher, model, 2, mark=True)
-        before = _weights(model)
+        before = weights(model)
         answers += _hand_loop(watcher, model, 1, mark=True, nan_at=0)
         assert all(p.grad is None for p in model.parameters())
     assert answers == [True, True, False]
-    assert _unchanged(before, model)  # the loop skipped the update, as told
+    assert unchanged(before, model)  # the loop skipped the update, as told
     assert model[0].weight.isfinite().all()
     assert watcher.step == 3
     assert [(f.kind, f.step, f.param) for f in watcher.findings] == [
@@ -385,7 +385,7 @@ def test_gan_whose_generator_step_is_forgotten_names_only_the_generator() -> Non
     opt_d = torch.optim.Adam(gan.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.999))
     g = _data()
     bce = nn.functional.binary_cross_entropy_with_logits
-    generator, discriminator = _weights(gan.generator), _weights(gan.discriminator)
+    generator, discriminator = weights(gan.generator), weights(gan.discriminator)
     with gradwatch.watch(gan, [opt_g, opt_d], on_finding="record", no_step_after=LIMIT) as watcher:
         for _ in range(8):
             real = torch.randn(16, 2, generator=g) * 0.5 + 2.0
@@ -401,8 +401,8 @@ def test_gan_whose_generator_step_is_forgotten_names_only_the_generator() -> Non
             opt_g.zero_grad()
             d_fake = gan.discriminator(fake)
             bce(d_fake, torch.ones_like(d_fake)).backward()  # no opt_g.step()
-    assert _unchanged(generator, gan.generator)
-    assert not _unchanged(discriminator, gan.discriminator)
+    assert unchanged(generator, gan.generator)
+    assert not unchanged(discriminator, gan.discriminator)
     assert watcher.step == 8
     assert _fields(watcher.findings) == [
         (Kind.STEP_NOT_TAKEN, NO_STEP, 5, "generator.2.bias", float(PASSES), float(LIMIT))
@@ -425,7 +425,7 @@ def _wgan(
     opt_g = torch.optim.RMSprop(gan.generator.parameters(), lr=5e-4)
     opt_d = torch.optim.RMSprop(gan.discriminator.parameters(), lr=5e-4)
     g = _data()
-    generator = _weights(gan.generator)
+    generator = weights(gan.generator)
     with gradwatch.watch(gan, [opt_g, opt_d], on_finding="record", **options) as watcher:
         for _ in range(iterations):
             for _ in range(critic_steps):
@@ -457,7 +457,7 @@ def test_wgan_whose_generator_step_is_forgotten() -> None:
     watcher, gan, generator = _wgan(
         iterations=10, critic_steps=5, step_g=False, step_d=True, no_step_after=LIMIT
     )
-    assert _unchanged(generator, gan.generator)
+    assert unchanged(generator, gan.generator)
     assert _fields(watcher.findings) == [
         (Kind.STEP_NOT_TAKEN, NO_STEP, 21, "generator.2.bias", float(PASSES), float(LIMIT))
     ]
@@ -514,25 +514,12 @@ def test_lightning_manual_optimization_without_opt_step(tmp_path: pathlib.Path) 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(8 * 16, 8, generator=generator)
-    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
     module = Forgetful()
-    before = _weights(module)
+    before = weights(module)
     callback = GradWatchCallback(on_finding="record", log_dir=False, no_step_after=LIMIT)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,  # global_step counts steps: max_steps would never be reached
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[callback],
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
-    assert _unchanged(before, module)
+    # global_step counts steps: max_steps would never be reached, one epoch is the run
+    trainer = fit(pl, module, [callback], tmp_path, steps=-1, data=loader(batches=8), max_epochs=1)
+    assert unchanged(before, module)
     assert trainer.global_step == callback.step == 0
     assert _fields(callback.findings) == [
         (Kind.STEP_NOT_TAKEN, NO_STEP, 0, "model.decoder.2.bias", float(PASSES), float(LIMIT))

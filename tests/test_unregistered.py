@@ -19,6 +19,7 @@ from torch import nn
 import gradwatch
 from gradwatch import Finding, Kind
 from gradwatch._probe import FORWARDS
+from tests.helpers.lightning_fit import fit, loader
 from tests.helpers.models import regression_batch, train
 
 
@@ -123,15 +124,8 @@ def test_lightning_module_holding_a_plain_list(tmp_path: pathlib.Path) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
-    x = torch.randn(64, 8, generator=_data())
-    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
     callback = GradWatchCallback(on_finding="record", log_dir=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-        callbacks=[callback],
-    )  # fmt: skip
-    trainer.fit(Regressor(), torch.utils.data.DataLoader(data, batch_size=16))
+    fit(pl, Regressor(), [callback], tmp_path, steps=4, data=loader(batches=4, seed=1))
     assert [(f.kind, f.step, f.param) for f in callback.findings] == [
         (Kind.UNREGISTERED_PARAMETER, 0, "net.blocks[0].bias")
     ]

@@ -25,23 +25,20 @@ from gradwatch.detectors import REGISTRY, CheckContext, Detector, Phase, Setup
 from gradwatch.detectors.updates import UNCHANGED, ZERO_LR, ZERO_LR_CHECKS, NoUpdateDetector
 from gradwatch.findings import GradWatchTypeError, GradWatchValueError
 from gradwatch.sinks import Sink
-from tests.helpers.models import EncoderDecoder, cnn_bn, mlp, regression_batch, train
-
-MLP_BY_ARRIVAL = ("4.bias", "4.weight", "2.bias", "2.weight", "0.bias", "0.weight")
-"""The parameters of ``mlp()`` in the order their gradients arrive (nearest the loss first)."""
+from tests.helpers.models import (
+    MLP_BY_ARRIVAL,
+    EncoderDecoder,
+    cnn_bn,
+    mlp,
+    regression_batch,
+    train,
+    unchanged,
+    weights,
+)
 
 
 def _data() -> torch.Generator:
     return torch.Generator().manual_seed(1)
-
-
-def _weights(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def _unchanged(before: list[torch.Tensor], model: nn.Module) -> bool:
-    """Whether every parameter is bit for bit what it was (``torch.equal``: same dtype too)."""
-    return all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
 def _regression_step(
@@ -75,9 +72,9 @@ def test_lambda_lr_multiplying_by_zero_is_found_at_the_fifth_check() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0)
-    before = _weights(model)
+    before = weights(model)
     watcher = train(model, opt, steps=8, step_fn=_regression_step(model, opt, sched))
-    assert _unchanged(before, model)  # the bug bites: eight steps, not one weight moved
+    assert unchanged(before, model)  # the bug bites: eight steps, not one weight moved
     assert [(f.kind, f.cause) for f in watcher.findings] == [(Kind.NO_UPDATE, ZERO_LR)]
     (found,) = watcher.findings
     assert ZERO_LR_CHECKS == 5
@@ -128,9 +125,9 @@ def test_warmup_that_never_starts_for_a_cnn_with_adamw() -> None:
         opt.step()
         sched.step()
 
-    before = _weights(model)
+    before = weights(model)
     watcher = train(model, opt, steps=6, step_fn=step)
-    assert _unchanged(before, model)
+    assert unchanged(before, model)
     found = _no_update(watcher)
     assert [(f.cause, f.step, f.param, f.value) for f in found] == [(ZERO_LR, 4, "8.bias", 5.0)]
     assert set(found[0].params) == {name for name, _ in model.named_parameters()}
@@ -148,9 +145,9 @@ def test_tensor_learning_rate_on_the_cpu_is_read(how: str) -> None:
         opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0)
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
-    before = _weights(model)
+    before = weights(model)
     watcher = train(model, opt, steps=6, step_fn=_regression_step(model, opt, sched))
-    assert _unchanged(before, model)
+    assert unchanged(before, model)
     assert [(f.kind, f.cause, f.step, f.param, f.value) for f in watcher.findings] == [
         (Kind.NO_UPDATE, ZERO_LR, 4, "4.bias", 5.0)
     ]
@@ -168,9 +165,9 @@ def test_a_group_without_gradients_does_not_hide_the_zero_lr() -> None:
             {"params": [*model[2].parameters(), *model[4].parameters()], "lr": 0.0},
         ]
     )
-    before = _weights(model)
+    before = weights(model)
     watcher = train(model, opt, steps=6, step_fn=_regression_step(model, opt))
-    assert _unchanged(before, model)
+    assert unchanged(before, model)
     found = _no_update(watcher)
     assert [(f.cause, f.step, f.param) for f in found] == [(ZERO_LR, 4, "4.bias")]
     assert found[0].params == MLP_BY_ARRIVAL[:4]  # not the frozen 0.weight, 0.bias
@@ -200,7 +197,7 @@ def test_scheduler_stepped_once_per_epoch_in_lightning(tmp_path: pathlib.Path) -
     x = torch.randn(32 * 16, 8, generator=generator)
     data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
     module = Regressor()
-    before = _weights(module)
+    before = weights(module)
     callback = GradWatchCallback(on_finding="record", log_dir=False)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -216,7 +213,7 @@ def test_scheduler_stepped_once_per_epoch_in_lightning(tmp_path: pathlib.Path) -
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
     assert trainer.global_step == callback.step == 8
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0  # still in the first epoch
-    assert _unchanged(before, module)
+    assert unchanged(before, module)
     assert [(f.kind, f.cause, f.step, f.param, f.value) for f in callback.findings] == [
         (Kind.NO_UPDATE, ZERO_LR, 4, "model.decoder.2.bias", 5.0)
     ]
@@ -258,14 +255,14 @@ def test_bf16_weights_with_an_update_too_small_to_record(
     ten updates later, and it is reported there."""
     model = mlp().to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
-    before = _weights(model)
+    before = weights(model)
     options: dict[str, Any] = (
         {"log_dir": tmp_path} if output == "log_dir" else {"sinks": [_Quiet()]}
     )
     watcher = train(
         model, opt, steps=35, step_fn=_regression_step(model, opt, dtype=torch.bfloat16), **options
     )
-    assert _unchanged(before, model)
+    assert unchanged(before, model)
     assert [(f.kind, f.cause) for f in watcher.findings] == [(Kind.NO_UPDATE, UNCHANGED)]
     (found,) = watcher.findings
     assert found.step == 10
@@ -324,8 +321,8 @@ class _Reads(Detector):
         type(self).seen = []
 
     def check(self, ctx: CheckContext) -> list[Finding]:
-        weights = None if ctx.weight_norms is None else ctx.weight_norms.tolist()
-        type(self).seen.append((ctx.step, ctx.learning_rates, ctx.updates, weights))
+        read = None if ctx.weight_norms is None else ctx.weight_norms.tolist()
+        type(self).seen.append((ctx.step, ctx.learning_rates, ctx.updates, read))
         return []
 
 
@@ -417,10 +414,10 @@ def test_updates_count_the_steps_taken_with_gradients() -> None:
         (5, 3),
         (6, 4),
     ]
-    taken = {step: weights for step, _, _, weights in _Reads.seen if weights is not None}
+    taken = {step: read for step, _, _, read in _Reads.seen if read is not None}
     assert list(taken) == [0, 3, 6]
-    for step, weights in taken.items():
-        assert weights == pytest.approx(norms[step], rel=1e-6)
+    for step, read in taken.items():
+        assert read == pytest.approx(norms[step], rel=1e-6)
     assert taken[3] != taken[0]  # steps 0 and 1 moved them
     assert norms[4] == norms[3] == norms[2]  # the skipped steps 2 and 3 did not
 

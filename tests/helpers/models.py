@@ -54,6 +54,20 @@ def train(
     return watcher
 
 
+MLP_BY_ARRIVAL = ("4.bias", "4.weight", "2.bias", "2.weight", "0.bias", "0.weight")
+"""The parameters of ``mlp()`` in the order their gradients arrive (nearest the loss first)."""
+
+
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of the model's parameters, to compare with later."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def unchanged(before: list[torch.Tensor], model: nn.Module) -> bool:
+    """Whether every parameter is bit for bit what it was (``torch.equal``: same dtype too)."""
+    return all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
 def kinds(watcher: gradwatch.Watcher) -> list[str]:
     return [f.kind.value for f in watcher.findings]
 
